@@ -7,7 +7,10 @@ BPE trained with `tokenizers` and a LLaMA-config model. Both are saved and loade
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import argparse
+import json
+import sys
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 BOS, EOS, PAD, UNK = "<s>", "</s>", "<pad>", "<unk>"
@@ -67,3 +70,85 @@ def init_llama(
     model.save_pretrained(str(out_dir), safe_serialization=True)
     tokenizer.save_pretrained(str(out_dir))
     return model
+
+
+def read_texts(inputs: list[str]) -> Iterator[str]:
+    """Texts from files (one document each; `.jsonl` = one `text` field per line) or prepared datasets."""
+    from cpt.shared import dataset
+
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            # A prepared dataset: train on the cleaned text the pipeline kept, not on raw markup.
+            for url in dataset.shard_urls(str(path)):
+                yield from dataset.read_shard(url).column("text").to_pylist()
+        elif path.suffix == ".jsonl":
+            with path.open(encoding="utf-8") as f:
+                for number, line in enumerate(f, 1):
+                    if line.strip():
+                        text = json.loads(line).get("text")
+                        if not isinstance(text, str):
+                            raise ValueError(f"{path}:{number}: no string `text` field; give JSONL with a text field")
+                        yield text
+        else:
+            yield path.read_text(encoding="utf-8", errors="replace")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m cpt.trainer.bootstrap",
+        description="Make a base model from scratch: a byte-level BPE tokenizer, then a LLaMA-config model.",
+    )
+    sub = parser.add_subparsers(dest="what", required=True)
+    tok = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer and save it in HF format")
+    tok.add_argument("--input", nargs="+", required=True, help="text files, .jsonl files or prepared dataset dirs")
+    tok.add_argument("--out", required=True, help="output folder (save_pretrained)")
+    tok.add_argument("--vocab-size", type=int, default=8192)
+    tok.add_argument("--min-frequency", type=int, default=2)
+    model = sub.add_parser("model", help="initialise a LLaMA-config causal LM for a tokenizer (random weights)")
+    model.add_argument("--tokenizer", required=True, help="tokenizer folder (from the `tokenizer` step)")
+    model.add_argument("--out", required=True, help="output folder (save_pretrained, safetensors)")
+    model.add_argument("--hidden", type=int, default=256, help="hidden size")
+    model.add_argument("--layers", type=int, default=4, help="number of transformer layers")
+    model.add_argument("--heads", type=int, default=4, help="attention heads (must divide --hidden)")
+    model.add_argument("--intermediate", type=int, default=None, help="MLP size (default 4 x hidden)")
+    model.add_argument("--max-positions", type=int, default=1024, help="max_position_embeddings")
+    model.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.what == "tokenizer":
+        missing = [p for p in args.input if not Path(p).exists()]
+        if missing:
+            print(f"bootstrap tokenizer: input not found: {', '.join(missing)}", file=sys.stderr)
+            return 2
+        texts = list(read_texts(args.input))
+        if not texts:
+            print(f"bootstrap tokenizer: no text in {', '.join(args.input)}", file=sys.stderr)
+            return 2
+        fast = train_bpe_tokenizer(texts, args.out, vocab_size=args.vocab_size, min_frequency=args.min_frequency)
+        chars = sum(len(t) for t in texts)
+        print(f"tokenizer: {len(fast)} tokens from {len(texts)} documents ({chars / 1e6:.1f} M chars) -> {args.out}")
+        return 0
+    if args.hidden % args.heads:
+        print(f"bootstrap model: --hidden {args.hidden} is not divisible by --heads {args.heads}", file=sys.stderr)
+        return 2
+    model = init_llama(
+        args.tokenizer,
+        args.out,
+        hidden_size=args.hidden,
+        num_layers=args.layers,
+        num_heads=args.heads,
+        intermediate_size=args.intermediate,
+        max_position_embeddings=args.max_positions,
+        seed=args.seed,
+    )
+    params = sum(p.numel() for p in model.parameters())
+    print(f"model: LLaMA {args.layers} layers x {args.hidden} wide, {params / 1e6:.2f} M parameters -> {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

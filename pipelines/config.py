@@ -1,0 +1,185 @@
+"""`cpt prepare` configuration: dataclasses, presets (web/text/code) and their merge with YAML and flags.
+
+Precedence, lowest first: the preset's YAML (pipelines/presets/NAME.yaml) < the user's `--config` YAML
+< command-line flags. The merged dict is validated all at once by `cpt.shared.config.load_config`.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cpt.shared.config import ConfigError, load_config, read_yaml
+
+PRESETS_DIR = Path(__file__).parent / "presets"
+STEPS = ("html", "pii", "length", "language", "perplexity", "code", "dedup")
+FORMATS = ("jsonl", "parquet", "arrow", "text", "html", "code")
+
+
+class InputError(ValueError):
+    """A user error in --input (missing file, empty glob, unknown format); the message says how to fix it."""
+
+
+@dataclass
+class PIIConfig:
+    secrets: bool = False
+    """Also mask secrets in code (cloud keys, tokens); the code preset turns this on."""
+
+
+@dataclass
+class FilterConfig:
+    min_chars: int = 50
+    """Documents shorter than this (after cleaning) are rejected as too_short."""
+    max_chars: int = 100_000
+    """Documents longer than this are rejected as too_long."""
+    min_words: int = 0
+    """Documents with fewer whitespace-separated words are rejected as too_few_words."""
+    langs: list[str] = field(default_factory=lambda: ["en"])
+    """Languages to keep (ISO 639-1 codes as langdetect reports them)."""
+    min_lang_prob: float = 0.65
+    """Minimum langdetect probability of the detected language."""
+    lang_max_chars: int = 1000
+    """langdetect reads only this prefix: it is slow on long documents."""
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.min_chars < 0 or self.max_chars <= self.min_chars:
+            out.append(f"min_chars/max_chars: need 0 <= min_chars < max_chars, got {self.min_chars}/{self.max_chars}")
+        if not 0.0 <= self.min_lang_prob <= 1.0:
+            out.append(f"min_lang_prob: must be within [0, 1], got {self.min_lang_prob}")
+        if not self.langs:
+            out.append("langs: list at least one language, or --skip language")
+        return out
+
+
+@dataclass
+class CodeConfig:
+    max_comment_ratio: float = 0.5
+    """Files whose comment lines exceed this share of non-blank lines are rejected as comment_ratio."""
+    max_line_length: int = 1000
+    """Files with a longer line (minified or generated code) are rejected as max_line_length."""
+
+
+@dataclass
+class PerplexityConfig:
+    model: str | None = None
+    """Local folder of a Hugging Face causal LM (--ppl-model); without it the step is skipped."""
+    max_ppl: float | None = None
+    """Absolute cut: documents with a higher perplexity are rejected as perplexity."""
+    keep_percentile: list[float] | None = None
+    """[LO, HI]: keep the band between these percentiles of this run's scores (CCNet head/middle/tail)."""
+    max_tokens: int = 256
+    """Texts are truncated to this many tokens before scoring."""
+    batch_size: int = 8
+    """Documents scored per forward pass."""
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.max_ppl is not None and self.keep_percentile is not None:
+            out.append("max_ppl and keep_percentile: choose one cut (--max-ppl X or --ppl-keep-percentile LO HI)")
+        if self.keep_percentile is not None:
+            band = self.keep_percentile
+            if len(band) != 2 or not 0 <= band[0] < band[1] <= 100:
+                out.append(f"keep_percentile: need [LO, HI] with 0 <= LO < HI <= 100, got {band}")
+        if self.max_tokens < 2:
+            out.append(f"max_tokens: need at least 2 tokens to score, got {self.max_tokens}")
+        if self.batch_size < 1:
+            out.append(f"batch_size: must be >= 1, got {self.batch_size}")
+        return out
+
+    def requested(self) -> bool:
+        """True when a cut was asked for: then a missing model is an error, not a skipped step."""
+        return self.max_ppl is not None or self.keep_percentile is not None
+
+
+@dataclass
+class PrepareConfig:
+    inputs: list[str] = field(default_factory=list)
+    """Input paths, globs or URLs (--input, repeatable)."""
+    output: str = ""
+    """Output folder or URL (--output)."""
+    preset: str = "text"
+    """web, text or code: the steps and default thresholds."""
+    steps: list[str] = field(default_factory=list)
+    """The steps to run, in order (from the preset unless the config lists them)."""
+    skip: list[str] = field(default_factory=list)
+    """Steps to leave out (--skip)."""
+    domain: str = "general"
+    """Written to every row's `domain` column."""
+    format: str | None = None
+    """jsonl, parquet, arrow, text, html or code; inferred from each file's extension when absent."""
+    text_field: str = "text"
+    """The text column of JSONL / Parquet / Arrow records."""
+    id_field: str | None = "id"
+    """The id column; records without it get an id from their source file and line."""
+    records_are_html: bool = False
+    """JSONL / Parquet / Arrow records hold HTML (a crawl dump): the html step cleans them too."""
+    tokenizer: str | None = None
+    """Tokenizer folder: adds input_ids / n_tokens and records the tokenizer's sha256."""
+    num_shards: int = 4
+    """Shards per output folder (kept and rejected alike)."""
+    max_bytes: int = 10_000_000
+    """Size guard: larger records go to dead_letter before any parser sees them."""
+    dead_letter_max_bytes: int = 4096
+    """The raw record kept in a dead letter is truncated to this many bytes."""
+    pii: PIIConfig = field(default_factory=PIIConfig)
+    filters: FilterConfig = field(default_factory=FilterConfig)
+    code: CodeConfig = field(default_factory=CodeConfig)
+    perplexity: PerplexityConfig = field(default_factory=PerplexityConfig)
+
+    def problems(self) -> list[str]:
+        out = []
+        if not self.inputs:
+            out.append("inputs: give at least one --input PATTERN")
+        if not self.output:
+            out.append("output: give --output DIR")
+        for step in list(self.steps) + list(self.skip):
+            if step not in STEPS:
+                out.append(f"steps: unknown step {step!r}; known steps: {', '.join(STEPS)}")
+        if self.format is not None and self.format not in FORMATS:
+            out.append(f"format: unknown format {self.format!r}; choose one of {', '.join(FORMATS)}")
+        if self.num_shards < 1:
+            out.append(f"num_shards: must be >= 1, got {self.num_shards}")
+        if self.max_bytes < 1:
+            out.append(f"max_bytes: must be >= 1, got {self.max_bytes}")
+        return out
+
+    def active_steps(self) -> list[str]:
+        """The steps that run: the configured ones minus --skip, minus perplexity when no model is given."""
+        steps = [s for s in self.steps if s not in self.skip]
+        if "perplexity" in steps and not self.perplexity.model:
+            steps.remove("perplexity")
+        return steps
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    """Recursively merge `override` into a copy of `base` (mappings merge, everything else replaces)."""
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def resolve_config(preset: str | None, config_path: str | None, flags: dict) -> PrepareConfig:
+    """preset YAML < --config YAML < flags, validated into one PrepareConfig (one ConfigError lists all problems)."""
+    user = read_yaml(config_path) if config_path else {}
+    name = preset or user.get("preset") or "text"
+    if name not in preset_names():
+        raise ConfigError([f"preset: unknown preset {name!r}; choose one of {', '.join(preset_names())}"], "--preset")
+    merged = deep_merge(deep_merge(read_yaml(PRESETS_DIR / f"{name}.yaml"), user), flags)
+    merged["preset"] = name
+    config = load_config(PrepareConfig, data=merged)
+    # Asking for a perplexity cut (or listing the step in --config) without a model is a user error;
+    # the preset's default perplexity step without a model is skipped with a note instead.
+    steps_requested = "perplexity" in (user.get("steps") or []) and "perplexity" not in config.skip
+    if (config.perplexity.requested() or steps_requested) and not config.perplexity.model:
+        raise ConfigError(["perplexity: a perplexity cut was requested but no model given; add --ppl-model DIR"])
+    return config

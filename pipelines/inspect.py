@@ -1,0 +1,96 @@
+"""`cpt inspect DIR [--rejected] [--n N]`: a prepared dataset's manifest, shards and sample rows, readable."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from cpt.shared import dataset
+
+
+def _shorten(text: str | None, width: int = 160) -> str:
+    text = (text or "").replace("\n", " ⏎ ")
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def manifest_lines(manifest: dict) -> list[str]:
+    counts = manifest["counts"]
+    lines = [
+        f"format_version {manifest['format_version']}, cpt {manifest['cpt_version']}, "
+        f"git {manifest.get('git_revision') or 'unknown'}, config {manifest.get('config_hash', '')[:12]}",
+        f"steps: {' -> '.join(manifest.get('steps', [])) or '(none)'}",
+        f"inputs: {', '.join(manifest['inputs']['patterns'])} ({len(manifest['inputs']['files'])} files)",
+    ]
+    tokenizer = manifest.get("tokenizer")
+    described = f"{tokenizer['name']} sha256 {tokenizer['sha256'][:16]}" if tokenizer else "none"
+    lines.append(f"tokenizer: {described}")
+    lines.append(
+        f"counts: input {counts['input']}, kept {counts['kept']}, "
+        f"rejected {sum(counts['rejected'].values())}, dead_letter {counts['dead_letter']}"
+    )
+    lines += [f"  rejected {reason}: {n}" for reason, n in counts["rejected"].items()]
+    lines += [f"note: {note}" for note in manifest.get("notes", [])]
+    lines.append("shards:")
+    for shard in manifest["shards"]:
+        tokens = "" if shard["tokens"] is None else f", {shard['tokens']} tokens"
+        size = f"{shard['rows']} rows, {shard['bytes']} bytes{tokens}"
+        lines.append(f"  {shard['file']}: {size}, sha256 {shard['sha256'][:12]}")
+    return lines
+
+
+def sample_rows(directory: str, shards: list[dict], n: int) -> list[dict]:
+    rows: list[dict] = []
+    for shard in shards:
+        if len(rows) >= n:
+            break
+        if shard["rows"]:
+            rows += dataset.read_shard(dataset.join(directory, shard["file"])).slice(0, n - len(rows)).to_pylist()
+    return rows
+
+
+def row_line(row: dict) -> str:
+    extra = f" reason={row['reason']}" if "reason" in row else ""
+    pii = {k[4:]: v for k, v in row.items() if k.startswith("pii_") and v}
+    return (
+        f"  [{row['id']}]{extra} lang={row['lang']} ppl={row['ppl']} chars={row['n_chars']}"
+        f"{' pii=' + json.dumps(pii) if pii else ''}\n    {_shorten(row['text'])}"
+    )
+
+
+def rejected_lines(dataset_dir: str, manifest: dict, n: int) -> list[str]:
+    """Up to n sample rejects per reason."""
+    rejected_dir = dataset.join(dataset_dir, dataset.REJECTED_DIR)
+    by_reason: dict[str, list[dict]] = {}
+    for shard in manifest.get("rejected_shards", []):
+        if shard["rows"]:
+            for row in dataset.read_shard(dataset.join(rejected_dir, shard["file"])).to_pylist():
+                bucket = by_reason.setdefault(row["reason"], [])
+                if len(bucket) < n:
+                    bucket.append(row)
+    lines = []
+    for reason in sorted(by_reason):
+        lines.append(f"rejected as {reason} ({manifest['counts']['rejected'].get(reason, 0)}):")
+        lines += [row_line(row) for row in by_reason[reason]]
+    return lines or ["no rejected documents"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="cpt inspect", description=__doc__)
+    p.add_argument("dataset", help="a prepared dataset folder or URL")
+    p.add_argument("--rejected", action="store_true", help="sample rejected documents, by reason")
+    p.add_argument("--n", type=int, default=3, help="sample rows (per reason with --rejected)")
+    args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        manifest = dataset.read_manifest(args.dataset)
+        lines = manifest_lines(manifest)
+        if args.rejected:
+            lines += rejected_lines(args.dataset, manifest, args.n)
+        else:
+            lines.append(f"sample rows ({args.n}):")
+            lines += [row_line(row) for row in sample_rows(args.dataset, manifest["shards"], args.n)]
+    except dataset.DatasetError as err:
+        print(f"cpt inspect: error: {err}", file=sys.stderr)
+        return 2
+    print("\n".join(lines))
+    return 0

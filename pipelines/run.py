@@ -1,0 +1,277 @@
+"""`cpt prepare`: raw text / HTML / code -> a prepared dataset (sharded Arrow + manifest), on any Beam runner.
+
+    read -> html -> pii -> length -> language -> perplexity -> code -> dedup -> tokenize -> write shards
+
+The launcher validates everything a user can get wrong before any work starts, resolves the input
+files, cleans a previous run, runs the pipeline, checks the accounting and writes the manifest last.
+Unknown flags go to Beam's PipelineOptions (--runner, --direct_num_workers, --dask_client_address, ...).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from cpt.pipelines.config import STEPS, InputError, PrepareConfig, preset_names, resolve_config
+from cpt.shared.config import ConfigError, config_hash, to_dict
+
+DEFAULT_RUNNER = "DirectRunner"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="cpt prepare",
+        description="Clean, PII-mask, filter, dedup and shard raw text/HTML/code with Apache Beam. "
+        "Any other --flag is passed to Beam (e.g. --runner, --direct_num_workers 2 "
+        "--direct_running_mode multi_processing, --dask_client_address HOST:PORT).",
+    )
+    p.add_argument("--input", action="append", dest="inputs", metavar="PATTERN", help="path, glob or URL; repeatable")
+    p.add_argument("--output", help="output folder or URL (replaced if it holds a previous run)")
+    p.add_argument("--preset", help=f"{', '.join(preset_names())} (default: text, or the config's)")
+    p.add_argument("--config", help="YAML with any PrepareConfig field; flags override it")
+    p.add_argument("--domain")
+    p.add_argument("--format", choices=["jsonl", "parquet", "arrow", "text", "html", "code"])
+    p.add_argument("--text-field")
+    p.add_argument("--id-field")
+    p.add_argument("--skip", nargs="+", metavar="STEP", help=f"steps to leave out: {' '.join(STEPS)}")
+    p.add_argument("--lang", nargs="+", help="languages to keep (default en)")
+    p.add_argument("--min-lang-prob", type=float)
+    p.add_argument("--min-chars", type=int)
+    p.add_argument("--max-chars", type=int)
+    p.add_argument("--ppl-model", help="local folder of a HF causal LM for the perplexity step")
+    cut = p.add_mutually_exclusive_group()
+    cut.add_argument("--max-ppl", type=float)
+    cut.add_argument("--ppl-keep-percentile", type=float, nargs=2, metavar=("LO", "HI"))
+    p.add_argument("--ppl-max-tokens", type=int)
+    p.add_argument("--ppl-batch-size", type=int)
+    p.add_argument("--tokenizer", help="tokenizer folder: adds input_ids and n_tokens")
+    p.add_argument("--num-shards", type=int)
+    p.add_argument("--max-bytes", type=int, help="size guard per record (default 10 MB)")
+    return p
+
+
+def flags_to_dict(args: argparse.Namespace) -> dict:
+    """Only the flags a user gave, as a nested dict that overrides the preset and --config YAML."""
+    flat = {
+        ("inputs",): args.inputs,
+        ("output",): args.output,
+        ("domain",): args.domain,
+        ("format",): args.format,
+        ("text_field",): args.text_field,
+        ("id_field",): args.id_field,
+        ("skip",): args.skip,
+        ("tokenizer",): args.tokenizer,
+        ("num_shards",): args.num_shards,
+        ("max_bytes",): args.max_bytes,
+        ("filters", "langs"): args.lang,
+        ("filters", "min_lang_prob"): args.min_lang_prob,
+        ("filters", "min_chars"): args.min_chars,
+        ("filters", "max_chars"): args.max_chars,
+        ("perplexity", "model"): args.ppl_model,
+        ("perplexity", "max_ppl"): args.max_ppl,
+        ("perplexity", "keep_percentile"): args.ppl_keep_percentile,
+        ("perplexity", "max_tokens"): args.ppl_max_tokens,
+        ("perplexity", "batch_size"): args.ppl_batch_size,
+    }
+    out: dict = {}
+    for keys, value in flat.items():
+        if value is None:
+            continue
+        node = out
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+        node[keys[-1]] = value
+    return out
+
+
+def check_paths(cfg: PrepareConfig) -> None:
+    """User errors about paths that no pipeline step should discover: raise ConfigError with the fix."""
+    from cpt.shared.dataset import filesystem
+
+    problems = []
+    fs, path = filesystem(cfg.output)
+    if fs.exists(path) and not fs.isdir(path):
+        problems.append(f"--output {cfg.output} is a file; give a folder (it is created if missing)")
+    for name, folder in (("--tokenizer", cfg.tokenizer), ("--ppl-model", cfg.perplexity.model)):
+        if folder and not Path(folder).is_dir() and "://" not in folder:
+            problems.append(f"{name} {folder}: no such folder (give a local Hugging Face model/tokenizer folder)")
+    if problems:
+        raise ConfigError(problems, "cpt prepare")
+
+
+def build_pipeline(p, cfg: PrepareConfig, files):
+    """Wire the steps of `cfg` into pipeline `p`; returns the last PCollection (the run summary)."""
+    from cpt.pipelines import transforms as t
+    from cpt.pipelines.io import ReaderConfig, ReadInputs
+    from cpt.pipelines.write import CountInputs, WriteDataset, WriteRunSummary
+
+    reader = ReaderConfig(cfg.text_field, cfg.id_field, cfg.max_bytes, cfg.dead_letter_max_bytes)
+    records = p | "Read" >> ReadInputs(files, reader)
+    input_count = records | "CountInputs" >> CountInputs()
+    f = cfg.filters
+    docs = records
+    for step in cfg.active_steps():
+        if step == "html":
+            docs = docs | "CleanHTML" >> t.ApplyStep("html", t.HtmlStep(cfg.records_are_html))
+        elif step == "pii":
+            docs = docs | "MaskPII" >> t.ApplyStep("pii", t.PiiStep(cfg.pii.secrets))
+        elif step == "length":
+            docs = docs | "Length" >> t.ApplyStep("length", t.LengthStep(f.min_chars, f.max_chars, f.min_words))
+        elif step == "language":
+            lang = t.LanguageStep(f.langs, f.min_lang_prob, f.lang_max_chars)
+            docs = docs | "Language" >> t.ApplyStep("language", lang)
+        elif step == "code":
+            code = t.CodeStep(f.min_chars, f.max_chars, cfg.code.max_comment_ratio, cfg.code.max_line_length)
+            docs = docs | "Code" >> t.ApplyStep("code", code)
+        elif step == "perplexity":
+            from cpt.pipelines.perplexity import CausalLMPerplexityHandler
+
+            ppl = cfg.perplexity
+            handler = CausalLMPerplexityHandler(ppl.model, ppl.max_tokens, ppl.batch_size)
+            docs = docs | "Perplexity" >> t.ScorePerplexity(handler, ppl.max_ppl, ppl.keep_percentile)
+        elif step == "dedup":
+            docs = docs | "Dedup" >> t.ExactDedup()
+    if cfg.tokenizer:
+        docs = docs | "Tokenize" >> t.ApplyStep("tokenize", t.TokenizeStep(cfg.tokenizer))
+    write = WriteDataset(cfg.output, cfg.num_shards, cfg.domain, cfg.tokenizer is not None, cfg.dead_letter_max_bytes)
+    infos = docs | "Write" >> write
+    # Must stay the last transform applied: DaskRunner computes only the last one (and what it depends on).
+    return infos | "Summary" >> WriteRunSummary(cfg.output, input_count)
+
+
+def git_revision() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def base_manifest(cfg: PrepareConfig, files, notes: list[str]) -> dict:
+    from cpt.shared import __version__, dataset
+
+    resolved = to_dict(cfg)
+    tokenizer = None
+    if cfg.tokenizer:
+        tokenizer = {"name": cfg.tokenizer, "sha256": dataset.tokenizer_fingerprint(cfg.tokenizer)}
+    return {
+        "format_version": dataset.FORMAT_VERSION,
+        "cpt_version": __version__,
+        "git_revision": git_revision(),
+        "config": resolved,
+        "config_hash": config_hash(resolved),
+        "steps": cfg.active_steps() + (["tokenize"] if cfg.tokenizer else []),
+        "inputs": {"patterns": list(cfg.inputs), "files": [f.path for f in files]},
+        "tokenizer": tokenizer,
+        "notes": notes,
+    }
+
+
+def pipeline_options(beam_args: list[str]):
+    from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+
+    options = PipelineOptions(beam_args)
+    if options.view_as(StandardOptions).runner is None:
+        options.view_as(StandardOptions).runner = DEFAULT_RUNNER
+    return options
+
+
+def metric_lines(result) -> list[str]:
+    """Beam counters per step and outcome, where the runner reports them (DaskRunner does not)."""
+    try:
+        counters = result.metrics().query()["counters"]
+    except (NotImplementedError, AttributeError, KeyError):
+        return []
+    totals: dict[tuple[str, str], int] = {}
+    for c in counters:
+        key = (c.key.metric.namespace, c.key.metric.name)
+        totals[key] = totals.get(key, 0) + int(c.committed or c.attempted or 0)
+    return [f"    {ns}.{name}: {n}" for (ns, name), n in sorted(totals.items())]
+
+
+def summary_text(cfg: PrepareConfig, counts: dict, seconds: float, input_bytes: int, manifest: dict, metrics) -> str:
+    rate = counts["input"] / seconds if seconds > 0 else 0.0
+    mbps = input_bytes / 1e6 / seconds if seconds > 0 else 0.0
+    lines = [
+        f"cpt prepare: {counts['input']} input records from {len(manifest['inputs']['files'])} files "
+        f"({input_bytes / 1e6:.2f} MB) in {seconds:.1f} s: {rate:.1f} docs/s, {mbps:.2f} MB/s",
+        f"  steps: {' -> '.join(manifest['steps']) or '(none)'}",
+        f"  kept:        {counts['kept']}",
+        f"  rejected:    {sum(counts['rejected'].values())}",
+    ]
+    lines += [f"    {reason}: {n}" for reason, n in counts["rejected"].items()]
+    lines.append(f"  dead_letter: {counts['dead_letter']}")
+    tokens = [s["tokens"] for s in manifest["shards"] if s["tokens"] is not None]
+    if tokens:
+        lines.append(f"  tokens:      {sum(tokens)}")
+    lines += [f"  note: {note}" for note in manifest["notes"]]
+    if metrics:
+        lines += ["  beam counters:", *metrics]
+    lines.append(f"  output: {cfg.output} ({len(manifest['shards'])} shards; rejected/ and dead_letter/ beside them)")
+    return "\n".join(lines)
+
+
+def prepare(cfg: PrepareConfig, beam_args: list[str], quiet: bool = False) -> dict:
+    """Run the pipeline for a validated config and return the manifest (raises on any failure)."""
+    import apache_beam as beam
+
+    from cpt.pipelines.io import expand_inputs
+    from cpt.pipelines.write import clean_output, counts_from_summary, finalize, read_run_summary
+
+    files = expand_inputs(cfg.inputs, cfg.format)
+    notes = []
+    if "perplexity" in cfg.steps and "perplexity" not in cfg.skip and not cfg.perplexity.model:
+        notes.append("perplexity skipped: no --ppl-model")
+    options = pipeline_options(beam_args)
+    clean_output(cfg.output)
+    started = time.perf_counter()
+    p = beam.Pipeline(options=options)
+    build_pipeline(p, cfg, files)
+    result = p.run()
+    result.wait_until_finish()
+    seconds = time.perf_counter() - started
+    summary = read_run_summary(cfg.output)
+    counts = counts_from_summary(summary, cfg.num_shards)
+    manifest = {**base_manifest(cfg, files, notes), "counts": counts}
+    manifest = finalize(cfg.output, manifest, summary, tokenized=cfg.tokenizer is not None)
+    if not quiet:
+        print(summary_text(cfg, counts, seconds, sum(f.size for f in files), manifest, metric_lines(result)))
+    return manifest
+
+
+def quiet_beam_import() -> None:
+    """Import Beam with its import-time "apitools not found" warning (GCP extra not installed) silenced."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        import apache_beam  # noqa: F401
+    finally:
+        root.setLevel(level)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, beam_args = build_parser().parse_known_args(sys.argv[1:] if argv is None else argv)
+    try:
+        cfg = resolve_config(args.preset, args.config, flags_to_dict(args))
+        check_paths(cfg)
+        quiet_beam_import()
+        prepare(cfg, beam_args)
+    except ConfigError as err:
+        print(f"cpt prepare: error: {'; '.join(err.problems)}", file=sys.stderr)
+        return 2
+    except InputError as err:
+        print(f"cpt prepare: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    # DaskRunner pickles this module's work to worker processes: the guard keeps them from re-running it.
+    sys.exit(main())

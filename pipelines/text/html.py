@@ -1,0 +1,109 @@
+"""HTML → plain text with resiliparse (lexbor): block structure as newlines, code blocks verbatim."""
+
+from __future__ import annotations
+
+import re
+
+from resiliparse.extract.html2text import extract_plain_text
+from resiliparse.parse.html import HTMLTree
+
+#: Elements whose content is never training text: page chrome, scripts, forms, and the raw-text
+#: containers (xmp, plaintext, iframe, noembed, noframes, textarea, svg, math) whose "text" is literal
+#: markup that would otherwise come out as `<b>`-looking tags.
+DROPPED_ELEMENTS = (
+    "script",
+    "style",
+    "noscript",
+    "template",
+    "nav",
+    "header",
+    "footer",
+    "aside",
+    "form",
+    '[role="navigation"]',
+    "xmp",
+    "plaintext",
+    "iframe",
+    "noembed",
+    "noframes",
+    "textarea",
+    "svg",
+    "math",
+)
+
+#: A start tag with this many attributes is hostile: lexbor checks attribute names pairwise, so one tag
+#: with 40,000 distinct attributes takes seconds and 200,000 take minutes.
+MAX_ATTRIBUTES = 256
+
+# One attribute the way the HTML tokenizer reads it: separators (whitespace or '/'), a name, and an
+# optional quoted or unquoted value. Atomic groups keep a failed match from backtracking.
+_ATTRIBUTE = r"""(?>[\s/]*[^\s/>][^\s/>=]*(?>\s*=\s*(?>"[^"]*"|'[^']*'|[^\s>]*))?)"""
+_CROWDED_TAG = re.compile(rf"<([A-Za-z][^\s/>]*)(?:{_ATTRIBUTE}){{{MAX_ATTRIBUTES},}}+")
+# Unicode space separators that pages use for layout become ' ' (nbsp, by far the most common, separately:
+# str.replace is several times faster than a regex there). C0 controls other than tab and newline, and DEL,
+# are dropped: never text, and NUL breaks downstream tools.
+_SPACES = re.compile(r"[\u1680\u2000-\u200a\u202f\u205f\u3000]")
+_CONTROLS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+# The same, minus the HTML whitespace (\f, \r), removed before parsing too: `<\x00b>` is text to the parser,
+# and would turn into a `<b>` tag in the output if the NUL were only dropped afterwards.
+_CONTROLS_IN_MARKUP = re.compile(r"[\x00-\x08\x0b\x0e-\x1f\x7f]")
+_BLANK_LINES = re.compile(r"\n{3,}")
+
+
+def _strip_crowded_tags(html: str) -> str:
+    """Drop the attributes of start tags that have more than MAX_ATTRIBUTES (keeps parsing linear)."""
+    return _CROWDED_TAG.sub(r"<\1 ", html)
+
+
+def _mark_code_blocks(tree: HTMLTree) -> None:
+    """Wrap multi-line `<code>` that stands as a block (not in `<pre>`, not inside a paragraph) in `<pre>`.
+
+    Many sites style `<code>` as a block with CSS instead of using `<pre>`; the extractor would otherwise
+    collapse its line breaks and indentation.
+    """
+    body = tree.body
+    if body is None:
+        return
+    for code in body.query_selector_all("code"):
+        if "\n" not in code.text or code.closest("pre, p") is not None:
+            continue
+        pre = tree.create_element("pre")
+        code.parent.replace_child(pre, code)
+        pre.append_child(code)
+
+
+def _normalise_whitespace(text: str) -> str:
+    """Unicode spaces → ' ', no control characters, no trailing spaces, at most one blank line in a row."""
+    text = _CONTROLS.sub("", _SPACES.sub(" ", text.replace("\xa0", " ")))
+    text = "\n".join(line.rstrip(" \t") for line in text.split("\n"))
+    return _BLANK_LINES.sub("\n\n", text).strip("\n")
+
+
+def html_to_text(html: str) -> str:
+    """The readable text of an HTML page; never raises, returns "" when there is none.
+
+    Keeps headings, paragraphs, list items (with bullets), table cells (tab-separated) and `pre`/code
+    blocks with their line breaks and indentation; drops DROPPED_ELEMENTS; decodes entities. Block
+    elements become newlines, whitespace inside a line is collapsed (except inside `pre`).
+    """
+    if not isinstance(html, str) or not html:
+        return ""
+    # Lone surrogates (text decoded with errors="surrogateescape") cannot be handed to the C parser.
+    html = html.encode("utf-8", "replace").decode("utf-8")
+    try:
+        tree = HTMLTree.parse(_strip_crowded_tags(_CONTROLS_IN_MARKUP.sub("", html)))
+        _mark_code_blocks(tree)
+        text = extract_plain_text(
+            tree,
+            preserve_formatting=True,
+            main_content=False,
+            list_bullets=True,
+            alt_texts=False,
+            links=False,
+            form_fields=False,
+            noscript=False,
+            skip_elements=list(DROPPED_ELEMENTS),
+        )
+    except Exception:  # noqa: BLE001 - the contract is "text or empty", a parser failure means no text
+        return ""
+    return _normalise_whitespace(text)

@@ -1,0 +1,308 @@
+"""Composite PTransforms for each stage of `cpt prepare`, around one generic filter DoFn.
+
+The text logic lives in `cpt.pipelines.text` (pure functions, no Beam). Here a *step* is a small
+picklable object: `setup()` builds heavy state on the worker (models, langdetect profiles) and
+`__call__(doc)` annotates the document and returns a reject reason or None.
+
+Why one channel instead of tagged outputs: every record (document, reject, dead letter) travels in
+one PCollection with a `status`, and each step passes records it did not keep through untouched.
+Beam 2.77's DaskRunner ignores output tags (its bag visitor feeds a multi-output ParDo's *whole*
+output to every consumer, see apache_beam/runners/dask/dask_runner.py `visit_transform`), so tagged
+`rejected` / dead-letter outputs would be duplicated there and break byte-identical shards. The
+writer splits the channel by status at the end, which also makes the accounting exact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+import apache_beam as beam
+from apache_beam.metrics import Metrics
+
+from cpt.shared.dataset import pii_column
+
+KEPT, REJECTED, DEAD = "ok", "rejected", "dead"
+
+
+def is_live(doc: dict) -> bool:
+    return doc["status"] == KEPT
+
+
+class FilterDoFn(beam.DoFn):
+    """Run one step on live documents: keep, reject with a reason, or dead-letter on an exception.
+
+    Records already rejected or dead-lettered pass through unchanged. A `Metrics.counter` is kept
+    per (step, outcome): "kept", each reject reason, and "dead_letter".
+    """
+
+    def __init__(self, step_name: str, step):
+        self.step_name = step_name
+        self.step = step
+        self._counters = {}
+
+    def setup(self):
+        if hasattr(self.step, "setup"):
+            self.step.setup()
+
+    def _count(self, outcome: str) -> None:
+        if outcome not in self._counters:
+            self._counters[outcome] = Metrics.counter(self.step_name, outcome)
+        self._counters[outcome].inc()
+
+    def process(self, doc: dict, *side_inputs):
+        if not is_live(doc):
+            yield doc
+            return
+        try:
+            reason = self.step(doc, *side_inputs)
+        # A step's library may raise anything on hostile input; that record becomes a dead letter,
+        # the job goes on. (Not a bare except: KeyboardInterrupt / SystemExit still stop the run.)
+        except Exception as err:  # noqa: BLE001
+            self._count("dead_letter")
+            yield {**doc, "status": DEAD, "raw": doc.get("text") or "", "error": f"{self.step_name}: {err!r}"}
+            return
+        if reason is None:
+            self._count("kept")
+            yield doc
+        else:
+            self._count(reason)
+            yield {**doc, "status": REJECTED, "reason": reason}
+
+
+class ApplyStep(beam.PTransform):
+    """One pipeline stage as a composite: `'Language' >> ApplyStep('language', LanguageStep(...))`."""
+
+    def __init__(self, step_name: str, step, *side_inputs):
+        super().__init__()
+        self.step_name = step_name
+        self.step = step
+        self.side_inputs = side_inputs
+
+    def expand(self, docs):
+        return docs | "Filter" >> beam.ParDo(FilterDoFn(self.step_name, self.step), *self.side_inputs)
+
+
+# ---- steps: thin adapters from the document dict to the pure text functions ----
+
+
+class HtmlStep:
+    """HTML -> text, only for documents that came as HTML: .html files, and records when configured so.
+
+    Text and code are never parsed as HTML: that would damage `if a < b and c > d:`.
+    """
+
+    def __init__(self, records_are_html: bool = False):
+        self.formats = ("html", "jsonl", "parquet", "arrow") if records_are_html else ("html",)
+
+    def setup(self):
+        from cpt.pipelines.text import html_to_text
+
+        self._html_to_text = html_to_text
+
+    def __call__(self, doc: dict) -> None:
+        if doc["format"] in self.formats:
+            doc["text"] = self._html_to_text(doc["text"])
+        return None
+
+
+class PiiStep:
+    """Mask PII (and secrets for code) with typed placeholders; store per-type counts."""
+
+    def __init__(self, secrets: bool):
+        self.secrets = secrets
+
+    def setup(self):
+        from cpt.pipelines.text import mask_pii
+
+        self._mask_pii = mask_pii
+
+    def __call__(self, doc: dict) -> None:
+        doc["text"], counts = self._mask_pii(doc["text"], secrets=self.secrets)
+        for kind, n in counts.items():
+            doc[pii_column(kind)] = n
+        return None
+
+
+class LengthStep:
+    def __init__(self, min_chars: int, max_chars: int, min_words: int):
+        self.min_chars, self.max_chars, self.min_words = min_chars, max_chars, min_words
+
+    def setup(self):
+        from cpt.pipelines.text import check_length
+
+        self._check = check_length
+
+    def __call__(self, doc: dict) -> str | None:
+        return self._check(doc["text"], min_chars=self.min_chars, max_chars=self.max_chars, min_words=self.min_words)
+
+
+class LanguageStep:
+    """langdetect on a bounded prefix; stores lang / lang_prob on every document it sees."""
+
+    def __init__(self, langs: list[str], min_prob: float, max_chars: int):
+        self.langs, self.min_prob, self.max_chars = tuple(langs), min_prob, max_chars
+
+    def setup(self):
+        from cpt.pipelines.text import detect_language, language_reason
+
+        self._detect, self._reason = detect_language, language_reason
+
+    def __call__(self, doc: dict) -> str | None:
+        lang, prob = self._detect(doc["text"], max_chars=self.max_chars)
+        doc["lang"], doc["lang_prob"] = lang, prob
+        return self._reason(lang, prob, langs=self.langs, min_prob=self.min_prob)
+
+
+class CodeStep:
+    """Python source quality: parses (ast, never exec), comment ratio, line length, size."""
+
+    def __init__(self, min_chars: int, max_chars: int, max_comment_ratio: float, max_line_length: int):
+        self.kwargs = dict(
+            min_chars=min_chars,
+            max_chars=max_chars,
+            max_comment_ratio=max_comment_ratio,
+            max_line_length=max_line_length,
+        )
+
+    def setup(self):
+        from cpt.pipelines.text import check_code
+
+        self._check = check_code
+
+    def __call__(self, doc: dict) -> str | None:
+        return self._check(doc["text"], **self.kwargs)
+
+
+class TokenizeStep:
+    """input_ids (uint32 in the shard) and n_tokens with the given tokenizer, no special tokens."""
+
+    def __init__(self, tokenizer_dir: str):
+        self.tokenizer_dir = tokenizer_dir
+
+    def setup(self):
+        from transformers import AutoTokenizer
+
+        self._tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_dir, trust_remote_code=False)
+
+    def __call__(self, doc: dict) -> None:
+        ids = self._tokenizer(doc["text"], add_special_tokens=False)["input_ids"]
+        doc["input_ids"], doc["n_tokens"] = list(ids), len(ids)
+        return None
+
+
+class PerplexityCut:
+    """Reject documents whose perplexity is above an absolute threshold or outside a percentile band."""
+
+    def __init__(self, max_ppl: float | None = None):
+        self.max_ppl = max_ppl
+
+    def __call__(self, doc: dict, band: tuple[float, float] | None = None) -> str | None:
+        ppl = doc["ppl"]
+        if ppl is None or math.isnan(ppl):
+            return "perplexity"
+        if band is not None:
+            return None if band[0] <= ppl <= band[1] else "perplexity"
+        return "perplexity" if self.max_ppl is not None and ppl > self.max_ppl else None
+
+
+def percentile_band(values: list[float], lo: float, hi: float) -> tuple[float, float] | None:
+    """The [lo, hi] percentile band of this run's scores (linear interpolation, like numpy's default)."""
+    import numpy as np
+
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    if not finite:
+        return None
+    low, high = np.percentile(np.asarray(finite, dtype=np.float64), [lo, hi])
+    return float(low), float(high)
+
+
+class ScorePerplexity(beam.PTransform):
+    """RunInference over live documents, then an absolute or percentile cut (CCNet-style first pass)."""
+
+    def __init__(self, handler, max_ppl: float | None, keep_percentile: list[float] | None):
+        super().__init__()
+        self.handler = handler
+        self.max_ppl = max_ppl
+        self.keep_percentile = keep_percentile
+
+    def expand(self, docs):
+        live = docs | "Live" >> beam.Filter(is_live)
+        decided = docs | "Decided" >> beam.Filter(lambda doc: not is_live(doc))
+        scored = (
+            live
+            | "RunInference" >> _run_inference(self.handler)
+            | "AttachPpl" >> beam.Map(lambda result: {**result.example, "ppl": result.inference})
+        )
+        side = ()
+        if self.keep_percentile is not None:
+            lo, hi = self.keep_percentile
+            band = (
+                scored
+                | "Scores" >> beam.Map(lambda doc: doc["ppl"])
+                | "AllScores" >> beam.combiners.ToList()
+                | "Band" >> beam.Map(percentile_band, lo, hi)
+            )
+            side = (beam.pvalue.AsSingleton(band),)
+        cut = scored | "Cut" >> ApplyStep("perplexity", PerplexityCut(self.max_ppl), *side)
+        return (cut, decided) | "Merge" >> beam.Flatten()
+
+
+def _run_inference(handler):
+    from apache_beam.ml.inference.base import RunInference
+
+    return RunInference(handler)
+
+
+def dedup_group(item) -> list[dict]:
+    """Documents sharing a dedup key: keep the smallest id, reject the rest as `duplicate`."""
+    _, docs = item
+    docs = sorted(docs, key=lambda doc: (doc["id"], doc["source"], doc["offset"]))
+    return [docs[0]] + [{**doc, "status": REJECTED, "reason": "duplicate"} for doc in docs[1:]]
+
+
+class DedupKey:
+    """Key for exact dedup: the normalised-text hash for live documents, a unique key for the others."""
+
+    def setup(self):
+        from cpt.pipelines.text import dedup_key
+
+        self._dedup_key = dedup_key
+
+    def __call__(self, doc: dict) -> tuple[str, dict]:
+        if not hasattr(self, "_dedup_key"):
+            self.setup()
+        if not is_live(doc):
+            # Already decided: must not collide with any text hash (those are 64 hex chars).
+            return f"decided:{doc['id']}:{doc['source']}:{doc.get('offset')}", doc
+        return self._dedup_key(doc["text"]), doc
+
+
+class ExactDedup(beam.PTransform):
+    """Exact dedup on the normalised text: group by key, keep the smallest id."""
+
+    def expand(self, docs):
+        return (
+            docs
+            | "Key" >> beam.Map(DedupKey())
+            | "Group" >> beam.GroupByKey()
+            | "KeepSmallestId" >> beam.FlatMap(dedup_group)
+            | "Count" >> beam.Map(_count_duplicates)
+        )
+
+
+_DUPLICATES = Metrics.counter("dedup", "duplicate")
+_DEDUP_KEPT = Metrics.counter("dedup", "kept")
+
+
+def _count_duplicates(doc: dict) -> dict:
+    if doc.get("reason") == "duplicate":
+        _DUPLICATES.inc()
+    elif is_live(doc):
+        _DEDUP_KEPT.inc()
+    return doc
+
+
+def shard_index(doc_id: str, num_shards: int) -> int:
+    """A stable shard for an id (sha256, not Python's salted hash())."""
+    return int.from_bytes(hashlib.sha256(doc_id.encode("utf-8")).digest()[:8], "big") % num_shards

@@ -1,0 +1,253 @@
+"""`cpt experiment`: forgetting-mitigation variants from the demo's base model and data, at equal token budgets.
+
+    cpt experiment --workdir demo [--variants NAME ...] [--steps N] [--force]
+
+Each variant is one `cpt train` run (the same steps, batch and sequence length, so the same number of
+tokens) followed by `cpt eval` on the demo's held-out sets. EXPERIMENT.md gets the table and a comparison
+with Gururangan et al. 2020 and Ibrahim et al. 2024 written from the numbers, frontier.png the trade-off.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from cpt.shared import report
+from cpt.shared.corpus import CorpusConfig
+from cpt.shared.demo import STATE, DemoScale, StageError, Stages, eval_command, train, train_config
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One way to continue pre-training: the general replay share, a curriculum, or a regulariser."""
+
+    name: str
+    description: str
+    replay: float = 0.0
+    """constant share of general tokens (0 = domain only)"""
+    curriculum: tuple[float, float] | None = None
+    """linear domain share start -> end over the run (general replay is the rest)"""
+    kl_weight: float = 0.0
+    ewc_weight: float = 0.0
+
+
+# λ values: the usual orders of magnitude for a token-mean loss (KL: distillation weight ~1; EWC: Fisher
+# entries of a small LM are ~1e-5, so λ ~ 1e3 makes the penalty comparable to the loss). Not tuned on this table.
+VARIANTS = (
+    Variant("domain-only", "no mitigation: code only"),
+    Variant("replay-5", "5% general replay", replay=0.05),
+    Variant("replay-25", "25% general replay", replay=0.25),
+    Variant("curriculum", "domain share 0.5 → 0.9 (general 50% → 10%)", curriculum=(0.5, 0.9)),
+    Variant("kl", "code only + KL to the frozen base (λ=1, all tokens)", kl_weight=1.0),
+    Variant("ewc", "code only + EWC, Fisher on general text (λ=1000)", ewc_weight=1000.0),
+)
+
+
+FISHER_SET = "general_train"
+
+
+def variant_sources(variant: Variant, paths: dict[str, str]) -> tuple[list[dict], dict | None]:
+    """The `data.sources` (code first: it is the domain source) and `data.schedule` of a variant."""
+    code = {"name": "code", "path": paths["code-train"], "weight": 1.0}
+    general = {"name": "general", "path": paths["general-train"], "weight": 0.0}
+    if variant.curriculum:
+        start, end = variant.curriculum
+        schedule = {"type": "linear", "source": "code", "start": start, "end": end}
+        return [code, {**general, "weight": 1.0}], schedule
+    if variant.replay > 0:
+        return [{**code, "weight": round(1 - variant.replay, 6)}, {**general, "weight": variant.replay}], None
+    return [code], None
+
+
+def variant_regularization(variant: Variant) -> dict | None:
+    reg = {}
+    if variant.kl_weight:
+        reg["kl"] = {"weight": variant.kl_weight, "on": "all"}  # no replay tokens to restrict it to
+    if variant.ewc_weight:
+        # The Fisher comes from general *training* text (eval set FISHER_SET), never from the held-out set.
+        reg["ewc"] = {"weight": variant.ewc_weight, "source": FISHER_SET}
+    return reg or None
+
+
+def result_row(name: str, base: dict[str, float], result: dict[str, float]) -> dict:
+    """Perplexities of one variant and its forgetting / gain against the base model, in percent."""
+    return {
+        "variant": name,
+        "domain_ppl": result["domain"],
+        "general_ppl": result["general"],
+        "forgetting_pct": report.change_pct(base["general"], result["general"]),
+        "domain_gain_pct": -report.change_pct(base["domain"], result["domain"]),
+    }
+
+
+def results_table(base: dict[str, float], rows: list[dict], seconds: dict[str, float]) -> str:
+    table = [["base (before CPT)", f"{base['domain']:.2f}", f"{base['general']:.2f}", "—", "—", "—"]]
+    for r in rows:
+        table.append(
+            [
+                r["variant"],
+                f"{r['domain_ppl']:.2f}",
+                f"{r['general_ppl']:.2f}",
+                f"{r['forgetting_pct']:+.1f}%",
+                f"{r['domain_gain_pct']:+.1f}%",
+                f"{seconds.get(r['variant'], 0):.0f}",
+            ]
+        )
+    headers = ["variant", "domain ppl", "general ppl", "forgetting", "domain gain", "time (s)"]
+    return report.format_table(headers, table)
+
+
+def comparison(rows: list[dict]) -> list[str]:
+    """Plain sentences comparing the table with the two papers; each claim is computed from the rows."""
+    by = {r["variant"]: r for r in rows}
+    lines = []
+    gains = [r["domain_gain_pct"] for r in rows]
+    if gains:
+        verdict = "agrees" if min(gains) > 0 else "does not fully agree"
+        lines.append(
+            f"- **Gururangan et al. 2020** (adaptive pre-training lowers the domain's held-out loss): {verdict}. "
+            f"Domain perplexity fell by {min(gains):.1f}% to {max(gains):.1f}% across the variants"
+            + ("." if min(gains) > 0 else "; at least one variant did not lower it.")
+        )
+    if "domain-only" in by:
+        f0 = by["domain-only"]["forgetting_pct"]
+        text = (
+            f"- **Ibrahim et al. 2024** (re-warming and re-decaying the LR on new data causes forgetting; a small "
+            f"replay fraction removes most of it): with the LR re-warmed and no mitigation, general perplexity "
+            f"moved {f0:+.1f}%"
+        )
+        if f0 <= 0:
+            text += ", so this run showed no forgetting to remove and cannot confirm the replay finding."
+        else:
+            text += " (forgetting: agrees)."
+            for name in ("replay-5", "replay-25"):
+                if name in by:
+                    removed = 100 * (f0 - by[name]["forgetting_pct"]) / f0
+                    kept = by[name]["domain_gain_pct"]
+                    word = "most of it" if removed >= 50 else "less than half of it"
+                    text += (
+                        f" {name} removed {removed:.0f}% of that increase ({word}) while keeping a "
+                        f"{kept:.1f}% domain gain (domain-only: {by['domain-only']['domain_gain_pct']:.1f}%)."
+                    )
+            if "replay-5" in by:
+                removed = 100 * (f0 - by["replay-5"]["forgetting_pct"]) / f0
+                text += " On the small-replay claim this run " + ("agrees." if removed >= 50 else "disagrees.")
+        lines.append(text)
+    for name in ("curriculum", "kl", "ewc"):
+        if name in by and "domain-only" in by:
+            r, d = by[name], by["domain-only"]
+            lines.append(
+                f"- {name} (neither paper's recipe): forgetting {r['forgetting_pct']:+.1f}% vs "
+                f"{d['forgetting_pct']:+.1f}% without mitigation, domain gain {r['domain_gain_pct']:.1f}% vs "
+                f"{d['domain_gain_pct']:.1f}%."
+            )
+    lines.append(
+        "- Scale caveat: a few-million-parameter model pre-trained for a few hundred steps is far from "
+        "converged, so continued training on any text can still improve it; and the general set (pydoc pages of "
+        "Python modules) shares vocabulary with the code domain, a milder shift than the papers' settings."
+    )
+    return lines
+
+
+def write_experiment(workdir: Path, state: dict, base: dict, rows: list[dict], seconds: dict, steps: int) -> Path:
+    scale = state["scale"]
+    tokens = steps * scale["micro_batch_size"] * scale["grad_accum"] * scale["seq_len"]
+    lines = [
+        "# cpt experiment: forgetting mitigation at an equal token budget",
+        "",
+        f"Base: `{state['base_model']}`. Every variant: {steps} steps x {scale['micro_batch_size']} x"
+        f" {scale['grad_accum']} x {scale['seq_len']} tokens = {tokens:,} training tokens, LR re-warmed to"
+        f" {scale['cpt_lr']:g} (2% warmup) and cosine-decayed to 0.1x; the same held-out sequences as the demo.",
+        "Forgetting = general-ppl increase over the base; domain gain = domain-ppl decrease from the base.",
+        "",
+        results_table(base, rows, seconds),
+        "",
+        "![frontier](frontier.png)",
+        "",
+        "## Against the published findings",
+        "",
+        *comparison(rows),
+        "",
+        f"Total time: {sum(seconds.values()):.0f} s.",
+    ]
+    path = workdir / "EXPERIMENT.md"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def run_experiment(workdir: Path, variants: list[Variant], steps: int | None, force: bool) -> list[dict]:
+    state = json.loads((workdir / STATE).read_text(encoding="utf-8"))
+    scale_dict = dict(state["scale"])
+    scale = DemoScale(**{**scale_dict, "corpus": CorpusConfig(**scale_dict["corpus"])})
+    steps = steps or scale.cpt_steps
+    base = state["before"]
+    runs = workdir / "experiment"
+    stages = Stages(workdir, force)
+    rows, seconds = [], {}
+    for variant in variants:
+        sources, schedule = variant_sources(variant, state["dataset_paths"])
+        eval_sets = dict(state["eval_sets"])
+        if variant.ewc_weight:
+            eval_sets[FISHER_SET] = state["dataset_paths"]["general-train"]
+        config = train_config(
+            Path(state["base_model"]),
+            runs / variant.name,
+            sources,
+            eval_sets,
+            scale,
+            steps=steps,
+            lr=scale.cpt_lr,
+            warmup_ratio=0.02,
+            schedule=schedule,
+            regularization=variant_regularization(variant),
+        )
+        out = runs / variant.name / "eval.json"
+        cmd = eval_command(runs / variant.name / "final", state["eval_sets"], scale, out)
+        # A fresh chain per variant: one variant's settings never invalidate another's run.
+        stages.chain = state["base_model"]
+        start = time.monotonic()
+        stages.run(f"variant-{variant.name}", config, lambda c=config, v=variant: train(stages, f"exp-{v.name}", c))
+        stages.run(
+            f"variant-{variant.name}-eval",
+            {"cmd": cmd},
+            lambda c=cmd, v=variant: stages.command(f"exp-{v.name}-eval", c),
+        )
+        seconds[variant.name] = time.monotonic() - start
+        rows.append(result_row(variant.name, base, report.read_eval(out)))
+    report.plot_frontier(
+        [(r["variant"], r["domain_gain_pct"], r["forgetting_pct"]) for r in rows], workdir / "frontier.png"
+    )
+    (workdir / "experiment.json").write_text(json.dumps({"base": base, "rows": rows, "seconds": seconds}, indent=2))
+    path = write_experiment(workdir, state, base, rows, seconds, steps)
+    print("\n" + results_table(base, rows, seconds))
+    print(f"\nreport: {path}, {workdir / 'frontier.png'}  ({sum(seconds.values()):.0f} s)")
+    return rows
+
+
+def main(argv: list[str]) -> int:
+    names = [v.name for v in VARIANTS]
+    parser = argparse.ArgumentParser(prog="cpt experiment", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workdir", default="demo", help="a folder where `cpt demo` ran (default: demo/)")
+    parser.add_argument("--variants", nargs="+", choices=names, default=names, help="which variants to run")
+    parser.add_argument("--steps", type=int, default=None, help="steps per variant (default: the demo's CPT steps)")
+    parser.add_argument("--force", action="store_true", help="redo variants run before")
+    args = parser.parse_args(argv)
+    workdir = Path(args.workdir).resolve()
+    if not (workdir / STATE).is_file():
+        print(
+            f"cpt experiment: {workdir / STATE} not found; run `cpt demo --workdir {args.workdir}` first "
+            "(the experiment reuses its base model and data)",
+            file=sys.stderr,
+        )
+        return 2
+    variants = [v for v in VARIANTS if v.name in args.variants]
+    try:
+        run_experiment(workdir, variants, args.steps, args.force)
+    except StageError as err:
+        print(f"\ncpt experiment: {err}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,1 @@
+"""Throughput and quality benchmarks; `python -m tests.bench` runs every `bench_*.py` here."""

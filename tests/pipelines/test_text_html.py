@@ -1,0 +1,148 @@
+"""html_to_text: real pydoc pages, the keep/drop list, code blocks, entities, and hostile input."""
+
+from __future__ import annotations
+
+import json
+import pydoc
+
+import pytest
+
+from cpt.pipelines.text import html_to_text
+
+
+def pydoc_page(module) -> str:
+    return pydoc.html.page(pydoc.describe(module), pydoc.html.document(module))
+
+
+def test_pydoc_page_keeps_docstring_lines_and_doctest_indentation():
+    lines = html_to_text(pydoc_page(json)).split("\n")
+
+    assert lines[0] == f"json (version {json.__version__})\t\tindex"
+    assert "Encoding basic Python object hierarchies::" in lines
+    # pydoc indents with &nbsp;: it comes out as plain spaces, so the doctest keeps its shape.
+    assert "    >>> import json" in lines
+    assert "    >>> json.dumps(['foo', {'bar': ('baz', None, 1.0, 2)}])" in lines
+
+
+def test_pydoc_page_has_no_markup_or_entities_left():
+    text = html_to_text(pydoc_page(json))
+
+    assert "<a href" not in text and "&nbsp;" not in text and "&lt;" not in text and "\xa0" not in text
+    assert "JSON (JavaScript Object Notation) <https://json.org> is a subset of" in text  # &lt;...&gt; decoded
+
+
+def test_page_chrome_scripts_and_forms_are_dropped():
+    html = """<html><head><title>T</title><style>p {color: red}</style><script>var x = 1;</script></head>
+    <body><header>Site header</header><nav><a href="/">Home</a> | <a href="/blog">Blog</a></nav>
+    <div role="navigation">Breadcrumbs</div>
+    <main><h1>Article</h1><p>Body text.</p></main>
+    <aside>Related posts</aside><form><label>Search</label><input value="q"><button>Go</button></form>
+    <template><p>Template</p></template><noscript>Enable JavaScript</noscript>
+    <footer>Copyright</footer></body></html>"""
+
+    assert html_to_text(html) == "Article\n\nBody text."
+
+
+def test_headings_paragraphs_lists_and_table_cells_are_kept_as_lines():
+    html = (
+        "<h2>Dosage</h2><p>Take with food.</p><ul><li>Morning</li><li>Evening</li></ul>"
+        "<ol><li>First</li><li>Second</li></ol>"
+        "<table><tr><th>Drug</th><th>mg</th></tr><tr><td>Aspirin</td><td>81</td></tr></table>"
+    )
+
+    assert html_to_text(html) == (
+        "Dosage\n\nTake with food.\n\n  \u2022 Morning\n  \u2022 Evening\n  1. First\n  2. Second\n"
+        "Drug\t\tmg\nAspirin\t\t81"
+    )
+
+
+def test_pre_code_block_keeps_line_breaks_indentation_and_comparison_operators():
+    html = (
+        "<p>Example:</p><pre><code class='python'>def f(a, b):\n"
+        "    if a &lt; b and b &gt; 0:\n        return <span class='n'>a</span>\n    return b\n</code></pre>"
+    )
+
+    assert html_to_text(html) == "Example:\n\ndef f(a, b):\n    if a < b and b > 0:\n        return a\n    return b"
+
+
+def test_multiline_code_element_outside_pre_is_a_code_block():
+    assert html_to_text("<div><code>for x in xs:\n    print(x)</code></div>") == "for x in xs:\n    print(x)"
+
+
+def test_code_inside_a_paragraph_stays_inline():
+    assert html_to_text("<p>Call <code>f(\n  x)</code> once.</p>") == "Call f( x) once."
+
+
+def test_entities_are_decoded():
+    html = "<p>Fish &amp; chips &lt;b&gt; &quot;q&quot; &#39;s&#39; caf&eacute; &#x1F600; &euro;5</p>"
+
+    assert html_to_text(html) == "Fish & chips <b> \"q\" 's' caf\u00e9 \U0001f600 \u20ac5"
+
+
+def test_whitespace_inside_lines_is_collapsed_and_unicode_spaces_become_spaces():
+    html = "<p>  many    spaces\n\tand\nnewlines  </p><p>nbsp&nbsp;&nbsp;em\u2003thin\u2009end   </p>"
+
+    assert html_to_text(html) == "many spaces and newlines\n\nnbsp  em thin end"
+
+
+def test_runs_of_blank_lines_collapse_to_one():
+    assert html_to_text("<p>a<br><br><br><br>b</p><pre>x\n\n\n\ny</pre>") == "a\n\nb\n\nx\n\ny"
+
+
+def test_raw_text_elements_do_not_leak_their_markup():
+    html = (
+        "<p>kept</p><xmp><b>xmp</b></xmp><textarea><i>t</i></textarea><noembed><b>n</b></noembed>"
+        "<iframe><b>i</b></iframe><svg><![CDATA[<b>c</b>]]></svg><math><mi><![CDATA[<b>m</b>]]></mi></math>"
+        "<plaintext><b>everything after plaintext is raw</b>"
+    )
+
+    assert html_to_text(html) == "kept"
+
+
+def test_unclosed_and_misnested_tags_still_give_the_text():
+    assert html_to_text("<div><p>one<p>two<li>three</b></i><span>four") == "one\n\ntwo\n\n  \u2022 threefour"
+
+
+def test_comments_and_attributes_are_not_text():
+    assert html_to_text('<p title="<b>x</b>">a<!-- <b>hidden</b> -->b</p>') == "ab"
+
+
+@pytest.mark.parametrize("html", ["", "   \n\t ", "<html><body></body></html>", "<script>only()</script>"])
+def test_documents_without_text_give_an_empty_string(html):
+    assert html_to_text(html) == ""
+
+
+def test_plain_text_without_tags_passes_through():
+    assert html_to_text("if a < b and c > d: pass") == "if a < b and c > d: pass"
+
+
+def test_nul_and_control_characters_are_removed():
+    assert html_to_text("<p>a\x00b\x01c</p>" + "\x00" * 100_000 + "<p>d\x7fe</p>") == "abc\n\nde"
+
+
+def test_lone_surrogates_do_not_raise():
+    assert html_to_text("<p>bad \udcff byte</p>") == "bad ? byte"
+
+
+@pytest.mark.timeout(60)
+def test_200000_nested_divs_give_the_text():
+    assert html_to_text("<div>" * 200_000 + "deep" + "</div>" * 200_000) == "deep"
+
+
+@pytest.mark.timeout(60)
+def test_multi_megabyte_single_line_is_kept_whole():
+    line = "word " * 1_000_000
+
+    assert html_to_text(f"<p>{line}</p>") == line.strip()
+
+
+@pytest.mark.timeout(60)
+def test_tag_with_200000_attributes_parses_in_linear_time():
+    # lexbor compares attribute names pairwise: unguarded, this one tag takes minutes.
+    attributes = " ".join(f'a{i}=">"' for i in range(200_000))
+
+    assert html_to_text(f"<p {attributes}>text</p><p>after</p>") == "text\n\nafter"
+
+
+def test_crowded_tag_guard_keeps_ordinary_attributes():
+    assert html_to_text('<nav class="a" id="b" data-x=">">menu</nav><p>body</p>') == "body"

@@ -1,0 +1,160 @@
+"""mask_pii: exact outputs per PII type, text that must survive, a clinical note, and the evaluation set."""
+
+from __future__ import annotations
+
+import pytest
+
+from cpt.pipelines.text import PII_TYPES, mask_pii
+from tests.bench.bench_text import pii_eval_set, score_pii
+
+
+def zero(**counts: int) -> dict[str, int]:
+    return {kind: counts.get(kind, 0) for kind in PII_TYPES}
+
+
+@pytest.mark.parametrize(
+    "text, expected, counts",
+    [
+        # emails
+        ("Mail jane.doe@example.com today.", "Mail [EMAIL] today.", zero(email=1)),
+        ("<bob+tag@mail.co.uk>, 'o'brien@x.org'", "<[EMAIL]>, '[EMAIL]'", zero(email=2)),
+        # phones: US formats, +1 and 001 prefixes, extensions, international with a '+'
+        ("(555) 123-4567 or 555-123-4567", "[PHONE] or [PHONE]", zero(phone=2)),
+        ("555.123.4567 x204; +1 555 123 4567", "[PHONE]; [PHONE]", zero(phone=2)),
+        ("1-800-555-1234, 001-212-555-0199x12", "[PHONE], [PHONE]", zero(phone=2)),
+        ("212 555 0199", "[PHONE]", zero(phone=1)),
+        ("+44 20 7946 0958 / +33 5 63 15 34 92", "[PHONE] / [PHONE]", zero(phone=2)),
+        ("+49 (0) 4926 947118", "[PHONE]", zero(phone=1)),
+        # SSNs: dashed, spaced, or nine digits after "SSN"
+        ("SSN 123-45-6789.", "SSN [SSN].", zero(ssn=1)),
+        ("ssn: 123456789", "ssn: [SSN]", zero(ssn=1)),
+        ("id 123 45 6789", "id [SSN]", zero(ssn=1)),
+        # cards: plain or grouped, Luhn-valid, a known issuer prefix
+        ("Visa 4111 1111 1111 1111", "Visa [CARD]", zero(card=1)),
+        ("4111-1111-1111-1111 / 4111111111111111", "[CARD] / [CARD]", zero(card=2)),
+        ("Amex 3782 822463 10005, MC 5555555555554444", "Amex [CARD], MC [CARD]", zero(card=2)),
+        # IPs: v4 with or without CIDR, v6 full and compressed
+        ("from 192.168.1.10 and 203.0.113.7", "from [IP] and [IP]", zero(ip=2)),
+        ("route 10.0.0.0/8 via 172.16.4.1", "route [IP] via [IP]", zero(ip=2)),
+        ("2001:db8::8a2e:370:7334 fe80::1ff:fe23:4567:890a", "[IP] [IP]", zero(ip=2)),
+        ("2001:0db8:85a3:0000:0000:8a2e:0370:7334/64", "[IP]", zero(ip=1)),
+        # secrets: cloud keys, tokens, private keys, assignments (only the value is masked)
+        ("AKIAIOSFODNN7EXAMPLE", "[SECRET]", zero(secret=1)),
+        ("ghp_abcdefghijklmnopqrstuvwxyz0123456789", "[SECRET]", zero(secret=1)),
+        ("xoxb-123456789012-abcdefghijkl", "[SECRET]", zero(secret=1)),
+        ("Authorization: Bearer abcdefghijklmnopqrstuvwxyz123456", "Authorization: Bearer [SECRET]", zero(secret=1)),
+        ('password = "hunter2"', 'password = "[SECRET]"', zero(secret=1)),
+        ('connect(user="root", password="s3cr3t!")', 'connect(user="root", password="[SECRET]")', zero(secret=1)),
+        ('{"api_key": "a8f5f167f44f4964e6c998dee827110c"}', '{"api_key": "[SECRET]"}', zero(secret=1)),
+        ("DB_PASSWORD=correcthorse", "DB_PASSWORD=[SECRET]", zero(secret=1)),
+        ("export GITHUB_TOKEN=abcdEFGH1234ijkl", "export GITHUB_TOKEN=[SECRET]", zero(secret=1)),
+        ("postgres://admin:Sup3rS3cret@db:5432/app", "postgres://admin:[SECRET]@db:5432/app", zero(secret=1)),
+        (
+            "key = '''-----BEGIN RSA PRIVATE KEY-----\nMIIEowIBAAKCAQEA0Z3VS5JJcds3\nxfn/ygWyF8PbnGy0AHB7==\n"
+            "-----END RSA PRIVATE KEY-----'''",
+            "key = '''[SECRET]'''",
+            zero(secret=1),
+        ),
+        ('k = "-----BEGIN PRIVATE KEY-----\\nMIIEvQIBADANBgkqhkiG9w0BAQEFAASC', 'k = "[SECRET]', zero(secret=1)),
+    ],
+)
+def test_each_pii_type_is_replaced_by_its_placeholder(text, expected, counts):
+    assert mask_pii(text) == (expected, counts)
+
+
+MUST_SURVIVE = {
+    "versions": "Python 3.11.2, numpy==1.26.4, torch>=2.1.0, __version__ = '4.2.10.1', version 10.0.0.1",
+    "dates_and_times": "2024-01-15, 15.01.2024, 01/22/2024 at 12:30:45, 2024-01-15T10:30:00.123Z",
+    "git_hashes": "commit 3f2a9c1e8b7d6a5f4e3d2c1b0a9f8e7d6c5b4a39, merge 4c1e2f7 9b8a6d3",
+    "decimals": "pi = 3.14159265358979; $1,234,567.89; 41.878113, -87.629799",
+    "ranges": "pages 100-200, figures 3-7, ports 1000-2000",
+    "numbers_in_code": "x = 1234567890123456789; ts = 1705314600123; MAX = 9223372036854775807; m = 0x4111111111111111",
+    "luhn_invalid_card": "4111 1111 1111 1112",
+    "uuid": "request 123e4567-e89b-12d3-a456-426614174000",
+    "isbn": "ISBN 978-3-16-148410-0",
+    "cpp_and_rust_paths": "std::vector<int> v; Foo::bar(); dead::beef; u8::MAX; a::b::c()",
+    "loopback_and_netmasks": "127.0.0.1:8080 0.0.0.0 255.255.255.0 ::1 ::",
+    "mac_address": "00:1a:2b:3c:4d:5e",
+    "invalid_ssn_areas": "000-12-3456 666-12-3456 900-12-3456",
+    "image_names_and_packages": "icon@2x.png react@18.2.0 user@localhost",
+    "secret_names_without_values": 'password = os.environ["PW"]; self.password = password; api_key = OPENAI_API_KEY',
+    "special_tokens": 'pad_token = "<pad>"; eos_token = "</s>"; token = "IDENT"; max_tokens = 4096',
+    "placeholders": "DB_PASSWORD=${DB_PASSWORD}\nsecret_key: <your-secret-key>\npassword: str = ''",
+    "clinical_values": "BP 120/80, HR 72, 37.2 C, 81.4 kg, 2.5 mg q8h, DOB 04/12/1961, MRN 00123456",
+}
+
+
+@pytest.mark.parametrize("text", MUST_SURVIVE.values(), ids=MUST_SURVIVE.keys())
+def test_text_that_looks_numeric_but_is_not_pii_survives(text):
+    assert mask_pii(text) == (text, zero())
+
+
+def test_counts_always_have_every_type():
+    assert mask_pii("") == ("", {"email": 0, "phone": 0, "ssn": 0, "card": 0, "ip": 0, "secret": 0})
+
+
+def test_secrets_false_skips_only_the_code_secret_patterns():
+    text = 'token = "ghp_abcdefghijklmnopqrstuvwxyz0123456789" # ask jane@example.com'
+
+    assert mask_pii(text, secrets=False) == ('token = "ghp_abcdefghijklmnopqrstuvwxyz0123456789" # ask [EMAIL]', zero(email=1))
+    assert mask_pii(text) == ('token = "[SECRET]" # ask [EMAIL]', zero(email=1, secret=1))
+
+
+@pytest.fixture
+def clinical_note() -> tuple[str, dict[str, str]]:
+    """A discharge note with Faker names and values; the note's own numbers (vitals, doses, dates) are real-looking."""
+    from faker import Faker
+
+    fake = Faker("en_US")
+    fake.seed_instance(7)
+    values = {
+        "name": fake.name(),
+        "doctor": fake.name(),
+        "email": fake.email(),
+        "phone": "(617) 555-0142",
+        "ssn": fake.ssn(),
+        "card": "4539 1488 0343 6467",
+        "ip": fake.ipv4_public(),
+    }
+    note = (
+        f"DISCHARGE SUMMARY  2024-03-07 14:20\n"
+        f"Patient: {values['name']}  DOB: 04/12/1961  MRN 00123456  SSN {values['ssn']}\n"
+        f"Attending: Dr. {values['doctor']}\n"
+        f"Vitals: BP 132/84, HR 78, T 37.1 C, SpO2 97%, weight 81.4 kg.\n"
+        f"Plan: metoprolol 25 mg PO BID for 14 days; recheck in 2-3 weeks (ICD-10 I10).\n"
+        f"Contact: {values['phone']} or {values['email']}; copay charged to card {values['card']}.\n"
+        f"Portal login recorded from {values['ip']} (app version 3.11.2).\n"
+    )
+    return note, values
+
+
+def test_clinical_note_is_masked_exactly(clinical_note):
+    note, v = clinical_note
+
+    masked, counts = mask_pii(note)
+
+    # Names are not in scope (no NER); every structured identifier is, and the clinical numbers survive.
+    assert masked == (
+        f"DISCHARGE SUMMARY  2024-03-07 14:20\n"
+        f"Patient: {v['name']}  DOB: 04/12/1961  MRN 00123456  SSN [SSN]\n"
+        f"Attending: Dr. {v['doctor']}\n"
+        f"Vitals: BP 132/84, HR 78, T 37.1 C, SpO2 97%, weight 81.4 kg.\n"
+        f"Plan: metoprolol 25 mg PO BID for 14 days; recheck in 2-3 weeks (ICD-10 I10).\n"
+        f"Contact: [PHONE] or [EMAIL]; copay charged to card [CARD].\n"
+        f"Portal login recorded from [IP] (app version 3.11.2).\n"
+    )
+    assert counts == zero(email=1, phone=1, ssn=1, card=1, ip=1)
+
+
+def test_masking_is_idempotent_on_the_clinical_note(clinical_note):
+    once = mask_pii(clinical_note[0])[0]
+
+    assert mask_pii(once) == (once, zero())
+
+
+def test_evaluation_set_precision_and_recall_per_type():
+    """The set of tests/bench/bench_text.py: 40 Faker positives per type and ~160 must-survive negatives."""
+    scores = score_pii(pii_eval_set(seed=0))
+
+    for kind, score in scores.items():
+        assert score["precision"] >= 0.95 and score["recall"] >= 0.95, (kind, score)

@@ -1,0 +1,128 @@
+"""Run logging: metrics.jsonl (one line per step), TensorBoard scalars, and report.png.
+
+metrics.jsonl is the record; TensorBoard and the picture are views of it. On resume, the file is cut
+back to the checkpoint's byte offset and TensorBoard purges events after the checkpoint's step, so a
+resumed run leaves the same history as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+METRICS = "metrics.jsonl"
+REPORT = "report.png"
+
+
+def truncate(path: Path, size: int) -> None:
+    """Cut a file back to `size` bytes (what it held at the checkpoint); create it empty if missing."""
+    with open(path, "a+b") as f:
+        f.truncate(size)
+
+
+class JsonlFile:
+    """An append-only JSON-lines file that a resume cuts back to a checkpoint's byte offset (rank 0 only)."""
+
+    def __init__(self, path: Path, enabled: bool, resume_bytes: int = 0):
+        self.path, self.enabled = Path(path), enabled
+        if enabled:
+            truncate(self.path, resume_bytes)
+            self.file = open(self.path, "a", encoding="utf-8")
+
+    def write(self, records: list[dict]) -> None:
+        if self.enabled:
+            self.file.writelines(json.dumps(r, sort_keys=True) + "\n" for r in records)
+
+    def offset(self) -> int:
+        """Bytes written so far (flushed): stored in each checkpoint to cut back to on resume."""
+        if not self.enabled:
+            return 0
+        self.file.flush()
+        return self.path.stat().st_size
+
+    def close(self) -> None:
+        if self.enabled:
+            self.file.close()
+
+
+class RunLog:
+    """metrics.jsonl + TensorBoard scalars, written by rank 0 only."""
+
+    def __init__(self, output_dir: Path, enabled: bool, resume_bytes: int = 0, resume_step: int | None = None):
+        self.jsonl = JsonlFile(Path(output_dir) / METRICS, enabled, resume_bytes)
+        self.writer = None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # purge_step drops the events a killed run wrote after its last checkpoint.
+            purge = None if resume_step is None else resume_step + 1
+            self.writer = SummaryWriter(str(Path(output_dir) / "tensorboard"), purge_step=purge)
+
+    def write(self, record: dict) -> None:
+        if self.writer is None:
+            return
+        self.jsonl.write([record])
+        for key, value in flatten(record).items():
+            if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
+                self.writer.add_scalar(key, value, record["step"])
+
+    def offset(self) -> int:
+        if self.writer is not None:
+            self.writer.flush()
+        return self.jsonl.offset()
+
+    def close(self) -> None:
+        self.jsonl.close()
+        if self.writer is not None:
+            self.writer.close()
+
+
+def flatten(record: dict, prefix: str = "") -> dict:
+    """{"loss_per_source": {"code": 1.0}} -> {"loss_per_source/code": 1.0} (TensorBoard tag names)."""
+    out = {}
+    for key, value in record.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{name}/"))
+        else:
+            out[name] = value
+    return out
+
+
+def read_metrics(output_dir: str | Path) -> list[dict]:
+    path = Path(output_dir) / METRICS
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def plot_report(records: list[dict], out_png: str | Path) -> None:
+    """Training loss, and each eval set's perplexity against step with its step-0 baseline marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [r for r in records if "loss" in r]
+    ppl_keys = sorted({k for r in records for k in r if k.endswith("_ppl")})
+    fig, (ax_loss, ax_ppl) = plt.subplots(1, 2, figsize=(11, 4))
+    ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train], lw=1)
+    ax_loss.set(xlabel="step", ylabel="train loss (token-mean NLL)", title="training loss")
+    for index, key in enumerate(ppl_keys):
+        points = [(r["step"], r[key]) for r in records if key in r]
+        color = f"C{index}"
+        ax_ppl.plot(*zip(*points), marker="o", ms=3, color=color, label=key.removesuffix("_ppl"))
+        baseline = [value for step, value in points if step == 0]
+        if baseline:
+            ax_ppl.axhline(baseline[0], ls="--", lw=0.8, color=color)
+            ax_ppl.annotate("step 0", (0, baseline[0]), color=color, fontsize=8, va="bottom")
+    ax_ppl.set(xlabel="step", ylabel="perplexity", title="held-out perplexity (dashed: step-0 baseline)")
+    if ppl_keys:
+        ax_ppl.legend()
+    fig.tight_layout()
+    tmp = Path(f"{out_png}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, out_png)
