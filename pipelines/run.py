@@ -220,15 +220,18 @@ def summary_text(cfg: PrepareConfig, counts: dict, seconds: float, input_bytes: 
 def prepare(cfg: PrepareConfig, beam_args: list[str], quiet: bool = False) -> dict:
     """Run the pipeline for a validated config and return the manifest (raises on any failure)."""
     import apache_beam as beam
+    from apache_beam.io.filesystems import FileSystems
 
     from cpt.pipelines.io import expand_inputs
     from cpt.pipelines.write import clean_output, counts_from_summary, finalize, read_run_summary
 
+    options = pipeline_options(beam_args)
+    # Inputs are matched here, before beam.Pipeline exists: filesystems such as s3:// need the options first.
+    FileSystems.set_options(options)
     files = expand_inputs(cfg.inputs, cfg.format)
     notes = []
     if "perplexity" in cfg.steps and "perplexity" not in cfg.skip and not cfg.perplexity.model:
         notes.append("perplexity skipped: no --ppl-model")
-    options = pipeline_options(beam_args)
     clean_output(cfg.output)
     started = time.perf_counter()
     p = beam.Pipeline(options=options)

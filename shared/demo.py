@@ -22,6 +22,7 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -46,24 +47,24 @@ class DemoScale:
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
     vocab_size: int = 8192
     """BPE vocabulary, trained on the prepared general text"""
-    hidden: int = 256
+    hidden: int = 192
     layers: int = 4
     heads: int = 4
     seq_len: int = 256
     """tokens per packed training and eval sequence"""
     micro_batch_size: int = 8
     grad_accum: int = 1
-    base_steps: int = 400
+    base_steps: int = 300
     """pre-training of the base model on general text only, from random init"""
     base_lr: float = 2.0e-3
-    cpt_steps: int = 250
+    cpt_steps: int = 200
     """continued pre-training on code + replay"""
     cpt_lr: float = 2.0e-3
     """re-warmed to the base's peak and re-decayed (Ibrahim et al. 2024)"""
     replay: float = 0.2
     """share of general tokens mixed into the continued pre-training"""
     eval_every: int = 50
-    eval_sequences: int = 48
+    eval_sequences: int = 32
     """fixed held-out sequences per set, the same ones before and after"""
     num_shards: int = 4
 
@@ -133,6 +134,10 @@ def stream(cmd: list[str], log_path: Path) -> int:
                 log.write(chunk)
                 sys.stdout.write(chunk.decode("utf-8", errors="replace"))
                 sys.stdout.flush()
+        except BaseException:
+            proc.kill()  # interrupted (Ctrl-C, SIGTERM): never leave a training run behind
+            proc.wait()
+            raise
         finally:
             if hasattr(os, "openpty"):
                 os.close(reader)
@@ -166,6 +171,19 @@ def _pty_reader(fd: int) -> Callable[[int], bytes]:
     return read
 
 
+def exit_on_sigterm() -> None:
+    """Turn SIGTERM into SystemExit, so `stream` kills the running stage instead of orphaning it."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process and its finished children: on a shared machine, wall time alone misleads."""
+    import resource
+
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 def digest(payload) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -178,6 +196,7 @@ class Stages:
         self.force = force
         self.chain = ""
         self.times: dict[str, float] = {}
+        self.cpu: dict[str, float] = {}
 
     def marker(self, name: str) -> Path:
         return self.workdir / "stages" / f"{name}.done"
@@ -188,16 +207,18 @@ class Stages:
         marker = self.marker(name)
         if not self.force and marker.is_file() and json.loads(marker.read_text()).get("key") == self.chain:
             print(f"\n=== {name}: done before, reused ({marker}; --force redoes it)", flush=True)
-            self.times[name] = 0.0
+            self.times[name] = self.cpu[name] = 0.0
             return
         marker.unlink(missing_ok=True)
         print(f"\n=== {name}", flush=True)
-        start = time.monotonic()
+        start, cpu_start = time.monotonic(), cpu_seconds()
         work()
         self.times[name] = time.monotonic() - start
+        self.cpu[name] = cpu_seconds() - cpu_start
         marker.parent.mkdir(parents=True, exist_ok=True)
-        marker.write_text(json.dumps({"key": self.chain, "seconds": round(self.times[name], 1)}) + "\n")
-        print(f"=== {name}: {self.times[name]:.0f} s", flush=True)
+        record = {"key": self.chain, "seconds": round(self.times[name], 1), "cpu_seconds": round(self.cpu[name], 1)}
+        marker.write_text(json.dumps(record) + "\n")
+        print(f"=== {name}: {self.times[name]:.0f} s ({self.cpu[name]:.0f} CPU s)", flush=True)
 
     def command(self, name: str, cmd: list[str]) -> None:
         log = self.workdir / "logs" / f"{name}.log"
@@ -290,7 +311,7 @@ def dataset_counts(path: Path) -> dict:
     return {"kept": manifest["counts"]["kept"], "input": manifest["counts"]["input"]}
 
 
-def write_report(workdir: Path, state: dict, before: dict, after: dict, table: str, times: dict) -> Path:
+def write_report(workdir: Path, state: dict, table: str) -> Path:
     """REPORT.md: what ran, the table, the picture and the time per stage."""
     scale = state["scale"]
     lines = [
@@ -313,8 +334,11 @@ def write_report(workdir: Path, state: dict, before: dict, after: dict, table: s
     for name, counts in state["datasets"].items():
         lines.append(f"- `{name}`: {counts['kept']} / {counts['input']}")
     lines += ["", "Held-out perplexity of the base model (before) and after continued pre-training:", "", table]
-    lines += ["", "![report](report.png)", "", "Stage times (s, 0 = reused):", ""]
-    lines += [f"- {name}: {seconds:.0f}" for name, seconds in times.items()]
+    lines += ["", "![report](report.png)", "", "Stage times (wall s / CPU s of all processes; 0 = reused):", ""]
+    for name, seconds in state["stage_seconds"].items():
+        lines.append(f"- {name}: {seconds:.0f} / {state['stage_cpu_seconds'][name]:.0f}")
+    total_cpu = sum(state["stage_cpu_seconds"].values())
+    lines += ["", f"Total: {state['total_seconds']:.0f} s wall, {total_cpu:.0f} CPU s."]
     path = workdir / "REPORT.md"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
@@ -404,10 +428,11 @@ def run_demo(workdir: Path, scale: DemoScale, model: Path | None, force: bool) -
         "before": before,
         "after": after,
         "stage_seconds": {k: round(v, 1) for k, v in stages.times.items()},
+        "stage_cpu_seconds": {k: round(v, 1) for k, v in stages.cpu.items()},
         "total_seconds": round(time.monotonic() - started, 1),
     }
     (workdir / STATE).write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
-    write_report(workdir, state, before, after, table, stages.times)
+    write_report(workdir, state, table)
     print("\n" + table)
     print(f"\nreport: {workdir / 'REPORT.md'}, {workdir / 'report.png'}  ({state['total_seconds']:.0f} s)")
     return state
@@ -429,6 +454,7 @@ def main(argv: list[str]) -> int:
     if problems:
         print("cpt demo: " + "; ".join(problems), file=sys.stderr)
         return 2
+    exit_on_sigterm()
     try:
         run_demo(Path(args.workdir).resolve(), scale, model, args.force)
     except StageError as err:

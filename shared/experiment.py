@@ -18,7 +18,16 @@ from pathlib import Path
 
 from cpt.shared import report
 from cpt.shared.corpus import CorpusConfig
-from cpt.shared.demo import STATE, DemoScale, StageError, Stages, eval_command, train, train_config
+from cpt.shared.demo import (
+    STATE,
+    DemoScale,
+    StageError,
+    Stages,
+    eval_command,
+    exit_on_sigterm,
+    train,
+    train_config,
+)
 
 
 @dataclass(frozen=True)
@@ -245,6 +254,7 @@ def main(argv: list[str]) -> int:
         )
         return 2
     variants = [v for v in VARIANTS if v.name in args.variants]
+    exit_on_sigterm()
     try:
         run_experiment(workdir, variants, args.steps, args.force)
     except StageError as err:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -238,3 +239,22 @@ def test_small_demo_runs_every_stage_and_lowers_domain_perplexity(tmp_path):
     assert state["after"]["domain"] < state["before"]["domain"]
     assert (workdir / "report.png").stat().st_size > 10_000
     assert "| domain (stdlib code)" in (workdir / "REPORT.md").read_text()
+
+
+def test_sigterm_stops_the_running_stage(tmp_path):
+    import signal
+    import subprocess
+
+    script = (
+        "import sys\nfrom pathlib import Path\nfrom cpt.shared.demo import exit_on_sigterm, stream\n"
+        "exit_on_sigterm()\n"
+        "stream([sys.executable, '-c', 'import os, time; print(os.getpid(), flush=True); time.sleep(60)'],"
+        f" Path({str(tmp_path / 'stage.log')!r}))\n"
+    )
+    demo = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert demo.stdout.readline().startswith("$ ")
+    stage_pid = int(demo.stdout.readline())
+    demo.send_signal(signal.SIGTERM)
+    assert demo.wait(timeout=20) == 128 + signal.SIGTERM
+    with pytest.raises(ProcessLookupError):
+        os.kill(stage_pid, 0)  # killed and reaped, not orphaned

@@ -3,9 +3,10 @@
 Two stand-ins for gs:// and s3://, both driven through the public commands:
 - fsspec's `memory://`: no extra package. It takes the same non-local code path as a bucket (fsspec streams,
   no memory map). It only works in-process, which DirectRunner's default mode is.
-- a real S3 protocol server (moto) on 127.0.0.1. Beam's S3 filesystem (boto3) reads the raw input and
-  s3fs writes and reads the shards, as on AWS. Skipped unless `moto`, `s3fs` and `boto3` are installed
-  (setup.py's `dev` and `remote` extras).
+- a real S3 protocol server (moto) on 127.0.0.1: s3fs writes and reads the shards as on AWS, and `cpt train`
+  trains from them; Beam's S3 filesystem (boto3) reads raw input. Skipped unless `moto`, `s3fs` and `boto3`
+  are installed (setup.py's `dev` and `remote` extras).
+Each is compared with the same input prepared into a local folder: same shard bytes, batches, trace, losses.
 """
 
 from __future__ import annotations
@@ -185,14 +186,14 @@ def test_cpt_train_reads_shards_and_eval_sets_that_cpt_prepare_wrote_to_s3(
     assert prepare(str(raw_jsonl), url, tokenizer_dir) == 0
     manifest = assert_shards_match_manifest(url)
     assert manifest["counts"] == EXPECTED_COUNTS
-
     assert shard_hashes(url) == shard_hashes(local_dataset)
 
     def run(source: str, name: str) -> Path:
         config = {
             "model": str(tiny_model_dir),
             "output_dir": str(tmp_path / name),
-            "data": {"seq_len": 128, "trace": True, "sources": [{"name": "docs", "path": source}]},
+            # One loader worker process: a forked process must open its own connection to the store.
+            "data": {"seq_len": 128, "trace": True, "num_workers": 1, "sources": [{"name": "docs", "path": source}]},
             "train": {"max_steps": 2, "micro_batch_size": 2, "grad_accum": 1, "device": "cpu"},
             "eval": {"every_steps": 2, "max_sequences": 4, "sets": {"domain": source, "general": source}},
             "checkpoint": {"every_steps": 2, "keep_last": 1},
@@ -213,12 +214,6 @@ def test_cpt_train_reads_shards_and_eval_sets_that_cpt_prepare_wrote_to_s3(
 
 
 @needs_s3
-@pytest.mark.xfail(
-    strict=True,
-    reason="pipelines/run.py resolves --input with FileSystems.match before beam.Pipeline(options) has called "
-    "FileSystems.set_options, and Beam's S3 filesystem refuses to work without options. Fix: call "
-    "FileSystems.set_options(options) before expand_inputs() in prepare(); then delete this marker.",
-)
 def test_prepare_reads_raw_input_from_s3(s3_bucket, raw_jsonl, tokenizer_dir, local_dataset):
     fsspec.filesystem("s3").put_file(str(raw_jsonl), f"{s3_bucket}/raw/topics.jsonl")
     url = f"s3://{s3_bucket}/from-s3-input"

@@ -268,3 +268,23 @@ def has_manifest(path: str) -> bool:
 
     fs, manifest = filesystem(join(path, MANIFEST))
     return fs.exists(manifest)
+
+
+def yaml11_keys(node):
+    """Undo YAML 1.1's reading of an unquoted key `on:` as the boolean True (so `kl: {on: replay}` works)."""
+    if isinstance(node, dict):
+        return {("on" if key is True else key): yaml11_keys(value) for key, value in node.items()}
+    if isinstance(node, list):
+        return [yaml11_keys(item) for item in node]
+    return node
+
+
+def load_run_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
+    """RUN.yaml + `section.key=value` overrides -> RunConfig; ConfigError lists every problem at once."""
+    from cpt.shared.config import ConfigError, load_config, read_yaml
+
+    data = yaml11_keys(read_yaml(path))
+    try:
+        return load_config(RunConfig, overrides=list(overrides), data=data)
+    except ConfigError as err:
+        raise ConfigError(err.problems, str(path)) from None

@@ -329,16 +329,10 @@ def ewc_setup(cfg: RunConfig, model, tokenizer, autocast, world, eval_sequences)
     source = ewc_cfg.source or next((n for n in names if n != cfg.domain_source), "general")
     folder = {s.name: s.path for s in cfg.data.sources}.get(source) or cfg.eval.sets[source]
     sequences = eval_sequences(folder, tokenizer, cfg.data.seq_len, ewc_cfg.fisher_samples)
-    fisher, batches = estimate_fisher(
-        CausalLMObjective(model, chunk_size=cfg.train.loss_chunk_size),
-        sequences,
-        cfg.train.micro_batch_size,
-        autocast,
-        world.rank,
-        world.world_size,
-    )
+    objective = CausalLMObjective(model, chunk_size=cfg.train.loss_chunk_size)
+    fisher, seen = estimate_fisher(objective, sequences, autocast, world.rank, world.world_size)
     if world.is_main:
-        save_fisher(str(saved), fisher, batches, source)
+        save_fisher(str(saved), fisher, seen, source)
     return fisher, anchor
 
 

@@ -156,17 +156,14 @@ def add_ewc_gradient(
 
 
 def estimate_fisher(
-    objective: CausalLMObjective,
-    sequences: dict[str, torch.Tensor],
-    micro_batch_size: int,
-    autocast,
-    rank: int = 0,
-    world_size: int = 1,
+    objective: CausalLMObjective, sequences: dict[str, torch.Tensor], autocast, rank: int = 0, world_size: int = 1
 ) -> tuple[dict[str, torch.Tensor], int]:
-    """Diagonal empirical Fisher: mean over micro-batches of the squared gradient of the mean token NLL.
+    """Diagonal empirical Fisher: the mean over sequences of the squared gradient of each one's mean token NLL.
 
-    Divided by the number of batches actually seen (all ranks together), not by a requested count:
-    the seed divided by `num_samples` even when the data ran out first, shrinking the penalty.
+    One sequence per backward, so F does not depend on the batch size or the number of ranks (the
+    sequences are split over ranks and the sums all-reduced). Divided by the number of sequences
+    actually seen, not by a requested count: the seed divided by `num_samples` even when the data ran
+    out first, shrinking the penalty.
     """
     import torch.distributed as dist
 
@@ -175,10 +172,9 @@ def estimate_fisher(
     input_ids, position_ids = sequences["input_ids"], sequences["position_ids"]
     labels = sequences.get("labels", input_ids)
     device = next(iter(params.values())).device
-    starts = list(range(0, input_ids.shape[0], micro_batch_size))
     seen = 0
-    for start in starts[rank::world_size]:
-        part = slice(start, start + micro_batch_size)
+    for i in range(rank, input_ids.shape[0], world_size):
+        part = slice(i, i + 1)
         objective.zero_grad(set_to_none=True)
         with autocast():
             nll, _ = objective(input_ids[part].to(device), position_ids[part].to(device), labels[part].to(device))
@@ -200,7 +196,7 @@ def estimate_fisher(
     return {name: f / seen for name, f in fisher.items()}, seen
 
 
-def save_fisher(path: str, fisher: dict[str, torch.Tensor], batches: int, source: str) -> None:
+def save_fisher(path: str, fisher: dict[str, torch.Tensor], sequences: int, source: str) -> None:
     """Write the Fisher diagonal as safetensors (temp name + rename), with how it was made in the metadata."""
     import os
 
@@ -208,7 +204,7 @@ def save_fisher(path: str, fisher: dict[str, torch.Tensor], batches: int, source
 
     tmp = f"{path}.tmp"
     tensors = {name: t.detach().float().cpu().contiguous() for name, t in fisher.items()}
-    save_file(tensors, tmp, metadata={"batches": str(batches), "source": source, "format": "cpt-ewc-fisher-v1"})
+    save_file(tensors, tmp, metadata={"sequences": str(sequences), "source": source, "format": "cpt-ewc-fisher-v1"})
     os.replace(tmp, path)
 
 

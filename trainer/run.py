@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from cpt.shared.config import ConfigError, load_config
+from cpt.shared.config import ConfigError
 from cpt.shared.dataset import DatasetError
 
 
@@ -25,11 +25,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
-    from cpt.trainer.config import RunConfig
+    from cpt.trainer.config import load_run_config
 
     try:
         # Every config problem (keys, types, paths, shard tokenizer) is listed here, before any weights load.
-        cfg = load_config(RunConfig, args.config, args.set)
+        cfg = load_run_config(args.config, args.set)
     except ConfigError as err:
         print(f"cpt train: {err}", file=sys.stderr)
         return 2

@@ -8,8 +8,8 @@ from resiliparse.extract.html2text import extract_plain_text
 from resiliparse.parse.html import HTMLTree
 
 #: Elements whose content is never training text: page chrome, scripts, forms, and the raw-text
-#: containers (xmp, plaintext, iframe, noembed, noframes, textarea, svg, math) whose "text" is literal
-#: markup that would otherwise come out as `<b>`-looking tags.
+#: containers (xmp, plaintext, iframe, noembed, noframes, textarea, title, svg, math) whose "text" is literal
+#: markup that would otherwise come out as `<b>`-looking tags (a `<title>` misplaced in the body included).
 DROPPED_ELEMENTS = (
     "script",
     "style",
@@ -27,6 +27,7 @@ DROPPED_ELEMENTS = (
     "noembed",
     "noframes",
     "textarea",
+    "title",
     "svg",
     "math",
 )

@@ -106,7 +106,8 @@ def test_web_preset_cleans_pydoc_html_and_tokenizes_into_a_file_url(corpus, tmp_
         "rejected": {"duplicate": 1, "too_short": 1},
         "dead_letter": 0,
     }
-    assert manifest["tokenizer"] == {"name": str(tokenizer_dir), "sha256": dataset.tokenizer_fingerprint(tokenizer_dir)}
+    fingerprint = dataset.tokenizer_fingerprint(tokenizer_dir)
+    assert manifest["tokenizer"] == {"name": str(tokenizer_dir), "sha256": fingerprint}
     assert [s["file"] for s in manifest["shards"]] == [dataset.shard_name(i, 3) for i in range(3)]
     kept = datasets.load_from_disk(str(out))
     assert sorted(kept["id"]) == sorted(f"{name}.html" for name in HTML_MODULES)
@@ -116,7 +117,8 @@ def test_web_preset_cleans_pydoc_html_and_tokenizes_into_a_file_url(corpus, tmp_
     assert "</a>" not in bisect["text"] and "&nbsp;" not in bisect["text"]
     assert bisect["domain"] == "python-docs" and bisect["n_tokens"] == len(bisect["input_ids"])
     rejected = datasets.load_from_disk(str(out / "rejected"))
-    assert sorted(zip(rejected["id"], rejected["reason"])) == [("tiny.html", "too_short"), ("zz_copy.html", "duplicate")]
+    expected = [("tiny.html", "too_short"), ("zz_copy.html", "duplicate")]
+    assert sorted(zip(rejected["id"], rejected["reason"])) == expected
 
 
 @pytest.mark.slow

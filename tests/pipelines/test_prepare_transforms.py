@@ -1,4 +1,4 @@
-"""Each composite of `cpt prepare` in a TestPipeline, checked with assert_that on exact outputs."""
+"""Each composite of `cpt prepare` in a Beam TestPipeline, checked with assert_that on exact outputs."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 
 import apache_beam as beam
 import pytest
-from apache_beam.testing.test_pipeline import TestPipeline
+from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 from cpt.pipelines import transforms as t
@@ -43,7 +43,7 @@ def test_apply_step_keeps_rejects_and_dead_letters_with_reasons():
         doc("b", "short"),
         doc("c", "MARKER makes the step raise, but the job goes on to the end."),
     ]
-    with TestPipeline() as p:
+    with BeamTestPipeline() as p:
         out = (
             p
             | beam.Create(docs)
@@ -65,7 +65,7 @@ def test_apply_step_keeps_rejects_and_dead_letters_with_reasons():
 
 def test_records_already_rejected_pass_later_steps_untouched():
     rejected = {**doc("r", "x"), "status": "rejected", "reason": "too_short"}
-    with TestPipeline() as p:
+    with BeamTestPipeline() as p:
         out = (
             p
             | beam.Create([rejected])
@@ -77,7 +77,7 @@ def test_records_already_rejected_pass_later_steps_untouched():
 
 
 def test_pii_step_masks_text_and_counts_per_type():
-    with TestPipeline() as p:
+    with BeamTestPipeline() as p:
         out = (
             p
             | beam.Create([doc("a", "Write to jane.doe@example.org or to bob@example.com today.")])
@@ -90,7 +90,7 @@ def test_pii_step_masks_text_and_counts_per_type():
 def test_html_step_cleans_html_files_but_not_text_or_code():
     html = "<html><body><script>var x = 1;</script><p>Fish &amp; chips</p></body></html>"
     code = "if a < b and c > d:\n    pass\n"
-    with TestPipeline() as p:
+    with BeamTestPipeline() as p:
         out = (
             p
             | beam.Create([doc("h", html, "html"), doc("c", code, "code")])
@@ -105,7 +105,7 @@ def test_exact_dedup_keeps_the_smallest_id():
     spaced = "  The same paragraph,\nposted three times under different ids. "
     docs = [doc("b", text), doc("a", text), doc("c", spaced)]
     docs.append({**doc("d", text), "status": "rejected", "reason": "too_short"})
-    with TestPipeline() as p:
+    with BeamTestPipeline() as p:
         out = p | beam.Create(docs) | t.ExactDedup() | beam.Map(outcome)
         assert_that(
             out,
@@ -139,7 +139,7 @@ def test_read_inputs_turns_every_broken_record_into_one_dead_letter(tmp_path):
     complete = gz_complete_lines(truncated)
     assert 0 < complete < len(topics)
     files = expand_inputs([str(tmp_path / "*.jsonl*")])
-    with TestPipeline() as p:
+    with BeamTestPipeline() as p:
         out = p | ReadInputs(files, READER) | beam.Map(lambda r: (r["id"], r["status"], r.get("error", "")[:24]))
         assert_that(
             out,
@@ -154,6 +154,24 @@ def test_read_inputs_turns_every_broken_record_into_one_dead_letter(tmp_path):
                 + [(f"c.jsonl.gz:after-line-{complete}", "dead", "unreadable after line 2:")]
             ),
         )
+
+
+def test_parquet_files_and_hf_dataset_folders_are_read_row_by_row(tmp_path):
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    texts = [text for _, text in topic_texts(3)]
+    pq.write_table(pa.table({"id": ["p0", "p1"], "text": [texts[0], None]}), tmp_path / "rows.parquet")
+    datasets.Dataset.from_dict({"text": texts}).save_to_disk(str(tmp_path / "hf"))
+    files = expand_inputs([str(tmp_path / "*.parquet"), str(tmp_path / "hf")])
+    listed = [(f.rel, f.format) for f in files]
+    assert listed == [("hf/data-00000-of-00001.arrow", "arrow"), ("rows.parquet", "parquet")]
+    with BeamTestPipeline() as p:
+        out = p | ReadInputs(files, READER) | beam.Map(lambda r: (r["id"], r["status"], r.get("text", "")[:12]))
+        expected = [(f"hf/data-00000-of-00001.arrow:{i}", "ok", text[:12]) for i, text in enumerate(texts)]
+        expected += [("p0", "ok", texts[0][:12]), ("p1", "dead", "")]
+        assert_that(out, equal_to(expected))
 
 
 def test_expand_inputs_reports_user_errors(tmp_path):
@@ -217,7 +235,7 @@ def test_perplexity_scores_batches_and_cuts_at_max_ppl(tiny_model_dir):
     assert together == alone
     assert all(1.0 < s < 1e6 for s in alone)  # random init: finite and large, around the vocab size
     threshold = sorted(alone)[1]
-    with TestPipeline() as p:
+    with BeamTestPipeline() as p:
         out = (
             p
             | beam.Create([doc(str(i), s) for i, s in enumerate(texts)])

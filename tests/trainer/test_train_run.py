@@ -11,12 +11,17 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from cpt.shared.config import load_config
 from cpt.trainer import run as train_cli
-from cpt.trainer.config import RunConfig
+from cpt.trainer.config import RunConfig, load_run_config
 from cpt.trainer.data import eval_sequences
 from cpt.trainer.evaluate import evaluate
 from cpt.trainer.loop import TrainError, train
 from cpt.trainer.schedules import lr_at
-from tests.trainer.trainutil import make_datasets, run_config, write_config
+from tests.trainer.trainutil import (
+    make_datasets,
+    one_torch_thread,  # noqa: F401 (autouse fixture)
+    run_config,
+    write_config,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -176,3 +181,20 @@ def test_max_tokens_sets_the_step_count(tmp_path, tiny_model_dir, data):
     state = train(load_config(RunConfig, data=config))
     assert (state.step, state.tokens) == (3, 3 * PER_STEP * SEQ)  # ceil: the budget is reached, not cut short
     assert torch.load(tmp_path / "out" / "checkpoint-3" / "scheduler.pt", weights_only=True)["last_epoch"] == 3
+
+
+def test_the_example_config_uses_only_known_keys(tiny_model_dir, data, tmp_path):
+    from pathlib import Path
+
+    import cpt.trainer
+
+    example = Path(cpt.trainer.__file__).parent / "configs" / "example.yaml"
+    paths = [
+        f"model={tiny_model_dir}",
+        f"output_dir={tmp_path}",
+        f"data.sources=[{{name: code, path: {data['domain']}}}, {{name: general, path: {data['general']}}}]",
+        f"eval.sets={{domain: {data['domain_val']}, general: {data['general_val']}}}",
+    ]
+    cfg = load_run_config(example, paths)
+    assert (cfg.domain_source, cfg.train.lr_schedule, cfg.data.schedule.end) == ("code", "cosine", 0.9)
+    assert cfg.regularization.kl.on == "replay"  # `on:` unquoted is YAML 1.1's True; read back as the key

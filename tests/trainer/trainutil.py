@@ -3,13 +3,29 @@
 from __future__ import annotations
 
 import copy
+import os
 from importlib.metadata import distributions
 from pathlib import Path
 
+import pytest
+import torch
 import yaml
 
 from tests.conftest import stdlib_texts
 from tests.helpers import make_prepared_dataset
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Train on one intra-op thread: on 2 shared cores, 2 spinning OpenMP threads make a tiny step ~18x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+#: Environment for `cpt train` subprocesses: the same single thread, so their numbers match in-process runs.
+SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def package_readmes(limit: int, max_chars: int = 6000) -> list[str]:

@@ -94,8 +94,13 @@ class DataConfig:
                 continue
             if not source.weight > 0:
                 found.append(f"sources[{i}].weight: must be > 0, got {source.weight} (drop the source instead)")
-            fs, path = filesystem(join(source.path, MANIFEST))
-            if not fs.exists(path):
+            try:
+                fs, path = filesystem(join(source.path, MANIFEST))
+                exists = fs.exists(path)
+            except (ImportError, OSError, ValueError) as err:  # unknown protocol, missing fsspec backend, no access
+                found.append(f"sources[{i}].path: cannot open {source.path} ({err})")
+                continue
+            if not exists:
                 found.append(
                     f"sources[{i}].path: {source.path} has no {MANIFEST}; give a folder written by `cpt prepare` "
                     "(a run that did not finish writes no manifest)"

@@ -136,8 +136,8 @@ class SourceDocs:
         self._epoch = None
         self._window_key = None
         self._blocks: OrderedDict[int, Block] = OrderedDict()
-        # Enough cached rows for one shuffle window plus the blocks at its edges.
-        self._max_rows = self.window + 2 * BLOCK_ROWS
+        # Enough cached rows for one shuffle window plus a block at its edge.
+        self._max_rows = self.window + BLOCK_ROWS
 
     @property
     def num_docs(self) -> int:
