@@ -165,7 +165,7 @@ def _train(cfg: RunConfig, resume: bool, world: distributed.Dist) -> TrainerStat
         ckpt.load_model_weights(model, start)
     model.train()
     if cfg.train.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     objective = CausalLMObjective(model, reference, cfg.train.loss_chunk_size)
     module = distributed.wrap(objective, world, cfg.train.fsdp, getattr(model, "_no_split_modules", None))
     params = trainable_parameters(model)
@@ -226,9 +226,10 @@ def _train(cfg: RunConfig, resume: bool, world: distributed.Dist) -> TrainerStat
         if len(micro) < cfg.train.grad_accum:
             warnings.warn(f"a finite data source ran out at step {state.step}; ending the run early", stacklevel=1)
             break
-        for batch in micro:
-            trace.write([line for lines in distributed.gather_objects(trace_lines(batch, world.rank), world)
-                         for line in lines])  # fmt: skip
+        if cfg.data.trace:  # every rank's lines, written by rank 0 in global sequence order
+            for batch in micro:
+                gathered = distributed.gather_objects(trace_lines(batch, world.rank), world)
+                trace.write([line for lines in gathered for line in lines])
         lr = scheduler.get_last_lr()[0]
         try:
             stats = forward_backward(module, micro, with_kl, kl_sources, cfg, world, len(names))
@@ -305,7 +306,9 @@ def _train(cfg: RunConfig, resume: bool, world: distributed.Dist) -> TrainerStat
 def find_start(out: Path, resume: bool, world) -> Path | None:
     """The checkpoint to resume from, or None; refuses to start over a run's checkpoints without --resume."""
     if resume:
-        found = ckpt.latest_checkpoint(out, world.world_size)
+        # Not filtered by world size: a checkpoint from another world size must fail loudly in restore(),
+        # not be skipped as "incomplete" and silently restarted from `model:`.
+        found = ckpt.latest_checkpoint(out)
         if found is None:
             warnings.warn(f"--resume: no complete checkpoint in {out}; starting from `model:`", stacklevel=2)
         return found
@@ -354,6 +357,8 @@ def forward_backward(module, micro: list[dict], with_kl: bool, kl_sources, cfg: 
     norms = torch.tensor([float(sum(t.sum() for t in targets)), float(sum(m.sum() for m in kl_masks))], device=device)
     distributed.all_reduce_sum(norms, world)
     n_targets, n_kl = norms[0].clamp_min(1), norms[1].clamp_min(1)
+    # No token to apply KL to in this global batch (e.g. only domain data under on: replay): skip the reference.
+    with_kl = with_kl and bool(norms[1] > 0)
     loss_sums = torch.zeros(num_sources, dtype=torch.float64, device=device)
     loss_counts = torch.zeros_like(loss_sums)
     input_tokens = torch.zeros_like(loss_sums)
@@ -507,5 +512,6 @@ class Run:
         self.save_model_folder(
             "final", {"step": self.state.step, "tokens": self.state.tokens, "evals": self.state.evals}
         )
+        self.log.offset()  # flush: the picture is drawn from metrics.jsonl on disk
         if self.world.is_main:
             plot_report(read_metrics(self.out), self.out / REPORT)

@@ -87,8 +87,8 @@ def html_to_text(html: str) -> str:
     blocks with their line breaks and indentation; drops DROPPED_ELEMENTS; decodes entities. Block
     elements become newlines, whitespace inside a line is collapsed (except inside `pre`).
     """
-    if not isinstance(html, str) or not html:
-        return ""
+    if not isinstance(html, str):
+        raise TypeError(f"html_to_text expects str, got {type(html).__name__}: decode bytes first")
     # Lone surrogates (text decoded with errors="surrogateescape") cannot be handed to the C parser.
     html = html.encode("utf-8", "replace").decode("utf-8")
     try:
@@ -105,6 +105,6 @@ def html_to_text(html: str) -> str:
             noscript=False,
             skip_elements=list(DROPPED_ELEMENTS),
         )
-    except Exception:  # noqa: BLE001 - the contract is "text or empty", a parser failure means no text
+    except Exception:  # the contract is "text or empty": a parser failure on one page means no text
         return ""
     return _normalise_whitespace(text)

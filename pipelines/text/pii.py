@@ -49,7 +49,10 @@ _TOKEN = re.compile(
     r"|https://hooks\.slack\.com/services/[A-Za-z0-9/]{20,}"
     r"|(?<=Bearer )[A-Za-z0-9._~+/-]{20,}=*"
 )
-_URL_CREDENTIALS = re.compile(r"\b[a-z][a-z0-9+.-]*://[^\s:/@]+:(?P<pii>[^\s/@]+)@", re.IGNORECASE)
+# The scheme is bounded and starts a run, so a long `a.a.a.a...` is not rescanned from every letter.
+_URL_CREDENTIALS = re.compile(
+    r"(?<![a-z0-9+.-])[a-z][a-z0-9+.-]{0,30}://[^\s:/@]{1,256}:(?P<pii>[^\s/@]{1,256})@", re.IGNORECASE
+)
 
 _PASSWORD_KEYS = r"password|passwd|pwd|passphrase"
 _SECRET_KEYS = (
@@ -101,9 +104,10 @@ def _has_password(match: re.Match[str]) -> bool:
 # --- emails ----------------------------------------------------------------------------------------------
 
 _EMAIL = re.compile(
-    # The local part starts with a letter or digit, so a quote or bracket around an address stays outside it.
-    r"(?<![\w.%+-])\w[\w!#$%&'*+/=?^`{|}~-]*(?:\.[\w!#$%&'*+/=?^`{|}~-]+)*"
-    r"@(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?\.)+(?P<tld>[A-Za-z]{2,24})"
+    # The local part starts with a letter or digit, so a quote or bracket around an address stays outside it;
+    # it is at most 64 characters (RFC 5321), which also keeps `a=a=a=...` from being rescanned at every letter.
+    r"(?<![\w.%+-])\w[\w.%+'-]{0,63}(?<!\.)"
+    r"@(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+(?P<tld>[A-Za-z]{2,24})"
     r"(?![\w-]|\.[A-Za-z0-9])"
 )
 # `logo@2x.png` is an image name in web code, not an address.
@@ -128,7 +132,7 @@ _VERSION_CONTEXT = re.compile(
 
 
 def _is_ipv4(match: re.Match[str]) -> bool:
-    """A routable-looking IPv4 address; not a 4-part version such as `1.2.3.4` or `==2.0.0.1`."""
+    """An IPv4 address that names a machine (private ones too); not a version such as `1.2.3.4` or `==2.0.0.1`."""
     addr = match["addr"]
     if all(len(part) == 1 for part in addr.split(".")):
         return False  # every part one digit: a version number far more often than an address
@@ -168,9 +172,7 @@ _CARD = re.compile(
 )
 # Issuer prefixes of the major networks (Visa, Mastercard, Amex, Discover, JCB, Diners, UnionPay, Maestro).
 # Luhn alone lets one random number in ten through; millisecond timestamps (1.7e12) and ISBNs (978...) fail this.
-_CARD_ISSUER = re.compile(
-    r"4|5[0-8]|6|3[4-9]|30[0-5]|2(?:22[1-9]|2[3-9]\d|[3-6]\d\d|7[01]\d|720)|2131|1800"
-)
+_CARD_ISSUER = re.compile(r"4|5[0-8]|6|3[4-9]|30[0-5]|2(?:22[1-9]|2[3-9]\d|[3-6]\d\d|7[01]\d|720)|2131|1800")
 
 
 def _luhn_ok(digits: str) -> bool:

@@ -112,6 +112,11 @@ def test_documents_without_text_give_an_empty_string(html):
     assert html_to_text(html) == ""
 
 
+def test_bytes_are_a_type_error_that_says_to_decode():
+    with pytest.raises(TypeError, match="decode bytes first"):
+        html_to_text(b"<p>x</p>")
+
+
 def test_plain_text_without_tags_passes_through():
     assert html_to_text("if a < b and c > d: pass") == "if a < b and c > d: pass"
 

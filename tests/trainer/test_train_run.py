@@ -198,3 +198,16 @@ def test_the_example_config_uses_only_known_keys(tiny_model_dir, data, tmp_path)
     cfg = load_run_config(example, paths)
     assert (cfg.domain_source, cfg.train.lr_schedule, cfg.data.schedule.end) == ("code", "cosine", 0.9)
     assert cfg.regularization.kl.on == "replay"  # `on:` unquoted is YAML 1.1's True; read back as the key
+
+
+def test_out_of_memory_is_recognised_and_the_message_names_the_knobs(tiny_model_dir, data, tmp_path):
+    from cpt.trainer.loop import is_oom, oom_message
+
+    with pytest.raises(RuntimeError) as caught:
+        torch.empty(2**55)  # 128 PiB: the CPU allocator's real out-of-memory error
+    assert is_oom(caught.value) and not is_oom(RuntimeError("shape mismatch"))
+    cfg = load_config(RunConfig, data=run_config(tiny_model_dir, tmp_path, data))
+    message = oom_message(cfg, 12)
+    assert message.startswith("out of memory at step 12 (micro_batch_size=2, data.seq_len=64, grad_accum=2,")
+    knobs = ("train.micro_batch_size", "train.grad_accum", "train.gradient_checkpointing: true", "train.fsdp: true")
+    assert all(knob in message for knob in knobs)
