@@ -81,12 +81,14 @@ def autocast_for(precision: str, device: torch.device):
 
 
 def total_steps_for(cfg: RunConfig, world_size: int) -> int:
+    """max_steps, or max_tokens rounded up to whole optimizer steps."""
     if cfg.train.max_steps is not None:
         return cfg.train.max_steps
     return math.ceil(cfg.train.max_tokens / tokens_per_step(cfg, world_size))
 
 
 def tokens_per_step(cfg: RunConfig, world_size: int) -> int:
+    """Tokens in one optimizer step over all ranks (packed sequences are always full)."""
     return cfg.data.seq_len * cfg.train.micro_batch_size * cfg.train.grad_accum * world_size
 
 
@@ -102,6 +104,7 @@ def build_optimizer(model: torch.nn.Module, cfg, device: torch.device) -> torch.
 
 
 def oom_message(cfg: RunConfig, step: int) -> str:
+    """What to turn when a step runs out of memory, with the current values."""
     t = cfg.train
     return (
         f"out of memory at step {step} (micro_batch_size={t.micro_batch_size}, data.seq_len={cfg.data.seq_len}, "
@@ -113,6 +116,7 @@ def oom_message(cfg: RunConfig, step: int) -> str:
 
 
 def is_oom(err: BaseException) -> bool:
+    """CUDA's OutOfMemoryError, or the CPU allocator's RuntimeError."""
     if isinstance(err, torch.OutOfMemoryError):
         return True
     text = str(err)
@@ -129,6 +133,7 @@ def train(cfg: RunConfig, resume: bool = False) -> TrainerState:
 
 
 def _train(cfg: RunConfig, resume: bool, world: distributed.Dist) -> TrainerState:
+    """Setup (model, reference, EWC, wrap, optimizer, data, resume), then the loop, then final/."""
     from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging

@@ -143,16 +143,16 @@ def add_ewc_gradient(
     Added after the backward pass (and after DDP/FSDP gradient sync) rather than through autograd, so the
     penalty is counted exactly once per step whatever the world size and gradient accumulation.
     """
-    value = 0.0
+    value = None
     for name, p in params.items():
         f, a, local = _local(fisher[name]), _local(anchor[name]), _local(p)
         diff = local - a
-        value += float((f * diff * diff).sum())
-        grad = 2.0 * weight * f * diff
+        term = (f * diff * diff).sum()
+        value = term if value is None else value + term  # a tensor: one host sync per step, not one per parameter
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-        _local(p.grad).add_(grad)
-    return weight * value
+        _local(p.grad).add_(2.0 * weight * f * diff)
+    return weight * float(value) if value is not None else 0.0
 
 
 def estimate_fisher(

@@ -122,7 +122,7 @@ def test_ewc_penalty_is_zero_at_the_anchor():
 def test_ewc_penalty_and_gradient_values():
     theta = {"w": torch.tensor([1.0, 2.0], requires_grad=True)}
     fisher, anchor = {"w": torch.tensor([0.5, 2.0])}, {"w": torch.tensor([0.0, 0.0])}
-    assert float(ewc_penalty(theta, fisher, anchor)) == 8.5  # 0.5 * 1^2 + 2 * 2^2
+    assert float(ewc_penalty(theta, fisher, anchor).detach()) == 8.5  # 0.5 * 1^2 + 2 * 2^2
     value = add_ewc_gradient(theta, fisher, anchor, weight=2.0)
     assert value == 17.0  # lambda * 8.5
     assert theta["w"].grad.tolist() == [2.0, 16.0]  # 2 * lambda * F * (theta - theta*)
