@@ -211,6 +211,15 @@ class RunConfig:
             found.append("model: required (an HF model folder with the starting weights)")
         if not self.output_dir:
             found.append("output_dir: required")
+        elif "://" in self.output_dir:
+            # Checkpoints are renamed into place with os.replace, which object stores do not offer.
+            found.append(
+                f"output_dir: {self.output_dir} is a URL; checkpoints need a local or mounted folder "
+                "(e.g. gcsfuse / a shared filesystem), then sync it to the bucket"
+            )
+        for key, folder in (("model", self.model), ("tokenizer", self.tokenizer)):
+            if folder and "://" in folder:
+                found.append(f"{key}: {folder} is a URL; download the folder first (from_pretrained reads it locally)")
         if None in (self.data, self.train, self.regularization, self.eval, self.checkpoint):
             return found  # a section failed to build; its problems are already listed
         names = self.source_names

@@ -22,6 +22,17 @@ def truncate(path: Path, size: int) -> None:
         f.truncate(size)
 
 
+def finite_or_null(value):
+    """NaN/inf become null: metrics.jsonl stays strict JSON that any reader (jq, pandas) accepts."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [finite_or_null(v) for v in value]
+    return value
+
+
 class JsonlFile:
     """An append-only JSON-lines file that a resume cuts back to a checkpoint's byte offset (rank 0 only)."""
 
@@ -33,7 +44,7 @@ class JsonlFile:
 
     def write(self, records: list[dict]) -> None:
         if self.enabled:
-            self.file.writelines(json.dumps(r, sort_keys=True) + "\n" for r in records)
+            self.file.writelines(json.dumps(finite_or_null(r), sort_keys=True) + "\n" for r in records)
 
     def offset(self) -> int:
         """Bytes written so far (flushed): stored in each checkpoint to cut back to on resume."""

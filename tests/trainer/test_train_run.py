@@ -211,3 +211,11 @@ def test_out_of_memory_is_recognised_and_the_message_names_the_knobs(tiny_model_
     assert message.startswith("out of memory at step 12 (micro_batch_size=2, data.seq_len=64, grad_accum=2,")
     knobs = ("train.micro_batch_size", "train.grad_accum", "train.gradient_checkpointing: true", "train.fsdp: true")
     assert all(knob in message for knob in knobs)
+
+
+def test_a_url_output_dir_is_refused_because_checkpoints_are_renamed_into_place(tiny_model_dir, data):
+    from cpt.shared.config import ConfigError
+
+    config = run_config(tiny_model_dir, "gs://bucket/run", data)
+    with pytest.raises(ConfigError, match="output_dir: gs://bucket/run is a URL; checkpoints need a local"):
+        load_config(RunConfig, data=config)
