@@ -35,11 +35,11 @@ bench: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/ruff format --check .
+	$(BIN)/ruff format --check setup.py pipelines trainer shared tests
 	$(BIN)/hadolint docker/pipeline.Dockerfile docker/trainer.Dockerfile
 
 format: $(STAMP)
-	$(BIN)/ruff format .
+	$(BIN)/ruff format setup.py pipelines trainer shared tests
 	$(BIN)/ruff check --fix .
 
 clean:
