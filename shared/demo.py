@@ -28,6 +28,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import yaml
@@ -201,13 +202,16 @@ class Stages:
     def marker(self, name: str) -> Path:
         return self.workdir / "stages" / f"{name}.done"
 
-    def run(self, name: str, settings: dict, work: Callable[[], None]) -> None:
+    def run(self, name: str, settings: dict, work: Callable[[], None], outputs: tuple[Path, ...] = ()) -> None:
+        """Run `work` unless a marker with the same key exists and the stage's `outputs` are still there."""
         # Each key includes the previous one, so changing an early stage redoes everything after it.
         self.chain = digest([self.chain, name, settings])
         marker = self.marker(name)
-        if not self.force and marker.is_file() and json.loads(marker.read_text()).get("key") == self.chain:
+        record = json.loads(marker.read_text()) if marker.is_file() else {}
+        if not self.force and record.get("key") == self.chain and all(path.exists() for path in outputs):
             print(f"\n=== {name}: done before, reused ({marker}; --force redoes it)", flush=True)
-            self.times[name] = self.cpu[name] = 0.0
+            # Report what the stage cost when it ran, so a re-run's report keeps the real figures.
+            self.times[name], self.cpu[name] = record.get("seconds", 0.0), record.get("cpu_seconds", 0.0)
             return
         marker.unlink(missing_ok=True)
         print(f"\n=== {name}", flush=True)
@@ -306,7 +310,7 @@ def eval_command(model: Path, sets: dict[str, str], scale: DemoScale, out: Path)
 
 
 def dataset_counts(path: Path) -> dict:
-    """Kept documents and tokens of a prepared dataset, from its manifest (for the report)."""
+    """Kept and input document counts of a prepared dataset, from its manifest (for the report)."""
     manifest = json.loads((path / "manifest.json").read_text())
     return {"kept": manifest["counts"]["kept"], "input": manifest["counts"]["input"]}
 
@@ -334,11 +338,18 @@ def write_report(workdir: Path, state: dict, table: str) -> Path:
     for name, counts in state["datasets"].items():
         lines.append(f"- `{name}`: {counts['kept']} / {counts['input']}")
     lines += ["", "Held-out perplexity of the base model (before) and after continued pre-training:", "", table]
-    lines += ["", "![report](report.png)", "", "Stage times (wall s / CPU s of all processes; 0 = reused):", ""]
+    lines += [
+        "",
+        "![report](report.png)",
+        "",
+        "Stage times when each stage ran (wall s / CPU s of all processes):",
+        "",
+    ]
     for name, seconds in state["stage_seconds"].items():
         lines.append(f"- {name}: {seconds:.0f} / {state['stage_cpu_seconds'][name]:.0f}")
     total_cpu = sum(state["stage_cpu_seconds"].values())
-    lines += ["", f"Total: {state['total_seconds']:.0f} s wall, {total_cpu:.0f} CPU s."]
+    total = sum(state["stage_seconds"].values())
+    lines += ["", f"Total: {total:.0f} s wall, {total_cpu:.0f} CPU s."]
     path = workdir / "REPORT.md"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
@@ -359,7 +370,7 @@ def run_demo(workdir: Path, scale: DemoScale, model: Path | None, force: bool) -
             for split, c in splits.items():
                 print(f"  {domain:<8} {split:<5} {c['docs']:>5} documents  {c['chars'] / 1e6:6.2f} M chars")
 
-    stages.run("collect", asdict(scale.corpus), collect_corpus)
+    stages.run("collect", asdict(scale.corpus), collect_corpus, (raw / "code", raw / "general"))
 
     datasets = {}
     for domain in ("code", "general"):
@@ -367,7 +378,8 @@ def run_demo(workdir: Path, scale: DemoScale, model: Path | None, force: bool) -
             name = f"{domain}-{split}"
             datasets[name] = data / name
             cmd = prepare_command(raw, domain, split, data / name, scale.num_shards)
-            stages.run(f"prepare-{name}", {"cmd": cmd}, lambda n=name, c=cmd: stages.command(f"prepare-{n}", c))
+            work = partial(stages.command, f"prepare-{name}", cmd)
+            stages.run(f"prepare-{name}", {"cmd": cmd}, work, (data / name / "manifest.json",))
 
     eval_sets = {"domain": str(datasets["code-val"]), "general": str(datasets["general-val"])}
     if model is None:
@@ -375,11 +387,13 @@ def run_demo(workdir: Path, scale: DemoScale, model: Path | None, force: bool) -
         tok_cmd = [sys.executable, "-m", "cpt.trainer.bootstrap", "tokenizer"]
         tok_cmd += ["--input", str(datasets["general-train"]), "--out", str(tokenizer_dir)]
         tok_cmd += ["--vocab-size", str(scale.vocab_size)]
-        stages.run("tokenizer", {"cmd": tok_cmd}, lambda: stages.command("tokenizer", tok_cmd))
+        work = partial(stages.command, "tokenizer", tok_cmd)
+        stages.run("tokenizer", {"cmd": tok_cmd}, work, (tokenizer_dir / "tokenizer.json",))
         init_cmd = [sys.executable, "-m", "cpt.trainer.bootstrap", "model", "--tokenizer", str(tokenizer_dir)]
         init_cmd += ["--out", str(init_dir), "--hidden", str(scale.hidden), "--layers", str(scale.layers)]
         init_cmd += ["--heads", str(scale.heads), "--max-positions", str(max(1024, scale.seq_len))]
-        stages.run("init", {"cmd": init_cmd}, lambda: stages.command("init", init_cmd))
+        work = partial(stages.command, "init", init_cmd)
+        stages.run("init", {"cmd": init_cmd}, work, (init_dir / "config.json",))
         base_cfg = train_config(
             init_dir,
             runs / "base",
@@ -391,15 +405,17 @@ def run_demo(workdir: Path, scale: DemoScale, model: Path | None, force: bool) -
             warmup_ratio=0.05,
             best_metric=None,  # a base model is its final weights, not the best code checkpoint
         )
-        stages.run("pretrain-base", base_cfg, lambda: train(stages, "pretrain-base", base_cfg))
         base_model = runs / "base" / "final"
+        work = partial(train, stages, "pretrain-base", base_cfg)
+        stages.run("pretrain-base", base_cfg, work, (base_model / "config.json",))
     else:
         base_model = model.resolve()
         stages.run("given-model", {"model": str(base_model)}, lambda: None)
 
     before_json, after_json = workdir / "eval" / "before.json", workdir / "eval" / "after.json"
     before_cmd = eval_command(base_model, eval_sets, scale, before_json)
-    stages.run("eval-before", {"cmd": before_cmd}, lambda: stages.command("eval-before", before_cmd))
+    work = partial(stages.command, "eval-before", before_cmd)
+    stages.run("eval-before", {"cmd": before_cmd}, work, (before_json,))
 
     sources = [{"name": "code", "path": str(datasets["code-train"]), "weight": round(1.0 - scale.replay, 6)}]
     if scale.replay > 0:
@@ -407,10 +423,11 @@ def run_demo(workdir: Path, scale: DemoScale, model: Path | None, force: bool) -
     cpt_cfg = train_config(
         base_model, runs / "cpt", sources, eval_sets, scale, steps=scale.cpt_steps, lr=scale.cpt_lr, warmup_ratio=0.02
     )
-    stages.run("cpt", cpt_cfg, lambda: train(stages, "cpt", cpt_cfg))
+    stages.run("cpt", cpt_cfg, partial(train, stages, "cpt", cpt_cfg), (runs / "cpt" / "final" / "config.json",))
 
     after_cmd = eval_command(runs / "cpt" / "final", eval_sets, scale, after_json)
-    stages.run("eval-after", {"cmd": after_cmd}, lambda: stages.command("eval-after", after_cmd))
+    work = partial(stages.command, "eval-after", after_cmd)
+    stages.run("eval-after", {"cmd": after_cmd}, work, (after_json,))
 
     before, after = report.read_eval(before_json), report.read_eval(after_json)
     table = report.before_after_table(before, after, SET_LABELS)

@@ -106,6 +106,22 @@ def test_stages_are_reused_until_forced_or_changed(tmp_path, capsys):
     assert "first: done before, reused" in capsys.readouterr().out
 
 
+def test_a_stage_whose_output_is_gone_is_redone(tmp_path):
+    out = tmp_path / "out.txt"
+    calls = []
+
+    def work():
+        calls.append("run")
+        out.write_text("x")
+
+    for _ in range(2):
+        Stages(tmp_path, force=False).run("make-out", {}, work, (out,))
+    assert calls == ["run"]
+    out.unlink()
+    Stages(tmp_path, force=False).run("make-out", {}, work, (out,))
+    assert calls == ["run", "run"]
+
+
 def test_a_stage_that_fails_leaves_no_marker(tmp_path):
     stages = Stages(tmp_path, force=False)
     with pytest.raises(ZeroDivisionError):
