@@ -28,3 +28,24 @@ def test_unknown_command_fails_with_the_choices(capsys):
 def test_console_script_is_installed():
     out = subprocess.run([sys.executable, "-m", "cpt.shared", "--version"], capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.strip() == f"cpt {__version__}"
+
+
+def run_python(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+
+
+def test_the_trainer_side_never_imports_beam():
+    done = run_python(
+        "import sys, cpt.trainer.run, cpt.trainer.loop, cpt.trainer.evaluate, cpt.trainer.data.check;"
+        "bad = [m for m in sys.modules if m.startswith(('apache_beam', 'cpt.pipelines'))]; assert not bad, bad[:5]"
+    )
+    assert done.returncode == 0, done.stderr
+
+
+def test_shared_imports_neither_side():
+    done = run_python(
+        "import sys, cpt.shared.cli, cpt.shared.demo, cpt.shared.experiment, cpt.shared.dataset, cpt.shared.config;"
+        "bad = [m for m in sys.modules if m.startswith(('cpt.pipelines', 'cpt.trainer', 'apache_beam', 'torch'))];"
+        "assert not bad, bad[:5]"
+    )
+    assert done.returncode == 0, done.stderr
