@@ -9,6 +9,7 @@ their own SDK harnesses), so each mode's start-up, the same pipeline on one docu
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sysconfig
 import tempfile
@@ -67,9 +68,11 @@ def measure(preset: str, pattern: str, out: Path, beam_args: list[str]) -> tuple
 
 
 def main() -> None:
+    # CPT_BENCH_LARGE=1: ~7x the documents, where per-document work, not start-up, dominates.
+    large = os.environ.get("CPT_BENCH_LARGE") == "1"
     with tempfile.TemporaryDirectory(prefix="bench-prepare-") as tmp:
         base = Path(tmp)
-        corpora = build_corpora(base)
+        corpora = build_corpora(base, pages=200, code_files=400) if large else build_corpora(base)
         startup = corpora.pop("startup")
         measure("text", startup, base / "out-warmup", ONE)  # first run pays the imports (langdetect, pyarrow, ...)
         _, s1, _ = measure("text", startup, base / "out-startup-1", ONE)
