@@ -165,7 +165,7 @@ def _train(cfg: RunConfig, resume: bool, world: distributed.Dist) -> TrainerStat
         reference = load(kl_cfg.reference).to(world.device) if kl_cfg.reference else copy.deepcopy(model)
     fisher = anchor = None
     if ewc_cfg.weight > 0:
-        fisher, anchor = ewc_setup(cfg, model, tokenizer, autocast, world, eval_sequences)
+        fisher, anchor = ewc_setup(cfg, model, tokenizer, autocast, world, eval_sequences, resume)
     if start is not None:
         ckpt.load_model_weights(model, start)
     model.train()
@@ -324,14 +324,16 @@ def find_start(out: Path, resume: bool, world) -> Path | None:
     return None
 
 
-def ewc_setup(cfg: RunConfig, model, tokenizer, autocast, world, eval_sequences):
-    """(Fisher, anchor theta*) for EWC: the Fisher loaded from fisher_path / a previous attempt, or estimated."""
+def ewc_setup(cfg: RunConfig, model, tokenizer, autocast, world, eval_sequences, resume: bool = False):
+    """(Fisher, anchor theta*) for EWC: the Fisher loaded from fisher_path / the run being resumed, or estimated."""
     ewc_cfg = cfg.regularization.ewc
     params = trainable_parameters(model)
     anchor = {name: p.detach().clone() for name, p in params.items()}
     saved = Path(cfg.output_dir) / FISHER
+    # The run's own saved Fisher is reused only on --resume: a fresh start into the same output_dir may
+    # have changed `model:`, the Fisher source or its sample count.
     path = Path(ewc_cfg.fisher_path) if ewc_cfg.fisher_path else saved
-    if path.is_file():
+    if path.is_file() and (ewc_cfg.fisher_path or resume):
         return load_fisher(str(path), params), anchor
     names = [s.name for s in cfg.data.sources]
     source = ewc_cfg.source or next((n for n in names if n != cfg.domain_source), "general")

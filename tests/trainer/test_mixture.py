@@ -7,6 +7,7 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 from transformers import AutoTokenizer
 
 from cpt.shared.config import ConfigError, load_config
@@ -225,6 +226,16 @@ def test_a_new_iter_continues_instead_of_rereading_the_first_batch(sources, toke
     loader = MixtureLoader(cfg, tokenizer, seed=1, micro_batch_size=2)
     pieces = [batch for _ in range(3) for batch in take(loader, 2)]  # three separate iter(loader) calls
     assert same_batches(pieces, reference)
+
+
+def test_loader_workers_leave_the_global_torch_rng_alone(sources, tokenizer):
+    # A resumed run restores the global RNG before building the loader; if starting the workers drew from it,
+    # every later dropout mask would differ from the uninterrupted run's.
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    take(MixtureLoader(data_config(sources, num_workers=1), tokenizer, seed=1, micro_batch_size=2), 1)
+    assert torch.equal(torch.rand(3), expected)
 
 
 def test_state_is_a_small_json_document(sources, tokenizer):

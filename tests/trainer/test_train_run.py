@@ -219,3 +219,22 @@ def test_a_url_output_dir_is_refused_because_checkpoints_are_renamed_into_place(
     config = run_config(tiny_model_dir, "gs://bucket/run", data)
     with pytest.raises(ConfigError, match="output_dir: gs://bucket/run is a URL; checkpoints need a local"):
         load_config(RunConfig, data=config)
+
+
+def test_a_fresh_run_estimates_its_own_fisher_instead_of_reusing_a_stale_file(tmp_path, tiny_model_dir, data):
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path / "out"
+    out.mkdir()
+    # Left by an attempt that crashed before its first checkpoint, for other settings.
+    stale = {
+        name: torch.full_like(p, 123.0)
+        for name, p in AutoModelForCausalLM.from_pretrained(tiny_model_dir).named_parameters()
+    }
+    save_file(stale, str(out / "ewc_fisher.safetensors"))
+    config = run_config(
+        tiny_model_dir, out, data, train={"max_steps": 1}, regularization={"ewc": {"weight": 1.0, "fisher_samples": 2}}
+    )
+    train(load_config(RunConfig, data=config))
+    fisher = load_file(str(out / "ewc_fisher.safetensors"))
+    assert all(not torch.all(t == 123.0) for t in fisher.values())

@@ -122,7 +122,10 @@ class MixtureLoader:
             state=self.state_dict(),
         )
         if self.cfg.num_workers > 0:
-            source = DataLoader(dataset, batch_size=None, num_workers=self.cfg.num_workers)
+            # An own generator: otherwise creating the workers draws from the global torch RNG, and a resumed
+            # run (which restores that RNG first) would see different dropout masks than an uninterrupted one.
+            generator = torch.Generator().manual_seed(self.seed)
+            source = DataLoader(dataset, batch_size=None, num_workers=self.cfg.num_workers, generator=generator)
         else:
             source = dataset
         for batch, state in source:
