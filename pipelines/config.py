@@ -14,6 +14,8 @@ from cpt.shared.config import ConfigError, load_config, read_yaml
 
 PRESETS_DIR = Path(__file__).parent / "presets"
 STEPS = ("html", "pii", "length", "language", "perplexity", "code", "dedup")
+# Steps that can reject a document (html and pii only rewrite the text).
+REJECTING_STEPS = ("length", "language", "perplexity", "code", "dedup")
 FORMATS = ("jsonl", "parquet", "arrow", "text", "html", "code")
 
 
@@ -143,6 +145,16 @@ class PrepareConfig:
             out.append(f"num_shards: must be >= 1, got {self.num_shards}")
         if self.max_bytes < 1:
             out.append(f"max_bytes: must be >= 1, got {self.max_bytes}")
+        active = self.active_steps()
+        if "pii" in active:
+            # Rejects are written as they are when rejected, so a step that rejects before pii would
+            # put unmasked text in rejected/ (html only cleans, so it may come first).
+            early = [s for s in active[: active.index("pii")] if s in REJECTING_STEPS]
+            if early:
+                out.append(
+                    f"steps: {', '.join(early)} comes before pii, so its rejects would be written unmasked; "
+                    "put pii first (html may precede it)"
+                )
         return out
 
     def active_steps(self) -> list[str]:

@@ -53,7 +53,8 @@ class InputFile:
     path: str
     """Full path or URL, as FileSystems reads it."""
     rel: str
-    """Path relative to the pattern's fixed prefix: the stable part of derived ids and `source`."""
+    """Path relative to the pattern's fixed prefix (with several --input, to the common parent of all the
+    patterns' prefixes): unique per file across the run, the stable part of derived ids and `source`."""
     format: str
     size: int
 
@@ -79,15 +80,41 @@ def _is_dataset_folder(pattern: str) -> bool:
     )
 
 
+def _relative(path: str, prefix: str) -> str | None:
+    """`path` below the folder `prefix`, compared by whole path components; None when it is not below it."""
+    parts, base = path.split("/"), prefix.rstrip("/").split("/")
+    if prefix and parts[: len(base)] == base and len(parts) > len(base):
+        return "/".join(parts[len(base) :]).lstrip("/")
+    return None
+
+
+def _common_prefix(prefixes: list[str]) -> str:
+    """The longest common folder (by whole path components) of the patterns' fixed prefixes."""
+    split = [p.rstrip("/").split("/") if p else [] for p in prefixes]
+    common: list[str] = []
+    for parts in zip(*split):
+        if any(part != parts[0] for part in parts):
+            break
+        common.append(parts[0])
+    return "/".join(common)
+
+
 def expand_inputs(patterns: list[str], fmt: str | None = None) -> list[InputFile]:
-    """Resolve patterns to files, sorted and de-duplicated; raise InputError for anything a user must fix."""
-    files: dict[str, InputFile] = {}
+    """Resolve patterns to files, sorted and de-duplicated; raise InputError for anything a user must fix.
+
+    A file's `rel` (ids, `source`) is relative to its pattern's fixed prefix; with several patterns, to
+    the common parent of all their prefixes, so `a/*.jsonl` and `b/*.jsonl` holding the same file names
+    still give every file its own ids and source.
+    """
+    found: dict[str, tuple[str, str]] = {}  # path -> (format, size)
+    prefixes: list[str] = []
     for pattern in patterns:
         if _is_dataset_folder(pattern):
             base = pattern.rstrip("/")
             glob, prefix, folder_fmt = f"{base}/*.arrow", posixpath.dirname(base), "arrow"
         else:
             glob, prefix, folder_fmt = pattern, _static_prefix_dir(pattern), None
+        prefixes.append(prefix)
         matched = FileSystems.match([glob])[0].metadata_list
         if not matched:
             if not any(c in pattern for c in GLOB_CHARS) and not FileSystems.exists(pattern):
@@ -101,9 +128,14 @@ def expand_inputs(patterns: list[str], fmt: str | None = None) -> list[InputFile
                     f"--input {pattern}: cannot infer the format of {path} from its extension; "
                     "pass --format {jsonl,parquet,arrow,text,html,code}"
                 )
-            rel = path[len(prefix) :].lstrip("/") if prefix and path.startswith(prefix) else posixpath.basename(path)
-            files[path] = InputFile(path=path, rel=rel, format=kind, size=meta.size_in_bytes)
-    return [files[p] for p in sorted(files)]
+            found[path] = (kind, meta.size_in_bytes)
+    several = len(set(prefixes)) > 1
+    prefix = _common_prefix(prefixes) if several else prefixes[0]
+    outside = (lambda p: p.lstrip("/")) if several and not prefix else posixpath.basename
+    rels = {path: _relative(path, prefix) or outside(path) for path in found}
+    if len(set(rels.values())) < len(rels):  # e.g. a path outside its prefix fell back to its basename
+        rels = {path: path for path in found}
+    return [InputFile(path=p, rel=rels[p], format=found[p][0], size=found[p][1]) for p in sorted(found)]
 
 
 def new_document(doc_id: str, text: str, source: str, fmt: str, offset: int) -> dict:
@@ -139,16 +171,35 @@ class ReaderConfig:
     dead_letter_max_bytes: int
 
 
+def _lone_surrogate(value: str) -> str | None:
+    """None when `value` encodes to UTF-8, else where it cannot (JSON's \\ud800 escapes decode to lone surrogates)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        return f"lone surrogate at character {err.start}"
+    return None
+
+
 def _record_from_fields(fields: dict, rel: str, fmt: str, offset: int, index: int, cfg: ReaderConfig, raw) -> dict:
-    """One parsed row/object -> document, or dead letter for a missing / non-string / oversized text field."""
+    """One parsed row/object -> document, or dead letter for a missing / non-string / oversized / non-UTF-8 field.
+
+    Error messages never quote the record: a dead letter's `raw` is PII-masked when written, its `error` says
+    only what and where.
+    """
+    derived = f"{rel}:{index}"
     given = fields.get(cfg.id_field) if cfg.id_field else None
-    doc_id = str(given) if given is not None else f"{rel}:{index}"
+    doc_id = str(given) if given is not None else derived
     text = fields.get(cfg.text_field)
     limit = cfg.dead_letter_max_bytes
+    if (where := _lone_surrogate(doc_id)) is not None:
+        return dead_letter(derived, rel, offset, raw, f"id field {cfg.id_field!r} is not valid UTF-8 ({where})", limit)
     if text is None:
         return dead_letter(doc_id, rel, offset, raw, f"missing text field {cfg.text_field!r}", limit)
     if not isinstance(text, str):
         error = f"text field {cfg.text_field!r} is {type(text).__name__}, expected a string"
+        return dead_letter(doc_id, rel, offset, raw, error, limit)
+    if (where := _lone_surrogate(text)) is not None:
+        error = f"text field {cfg.text_field!r} is not valid UTF-8 ({where})"
         return dead_letter(doc_id, rel, offset, raw, error, limit)
     if len(text.encode("utf-8")) > cfg.max_bytes:
         error = f"text over the size guard ({cfg.max_bytes} bytes)"
@@ -175,13 +226,31 @@ def _guarded_lines(f, max_bytes: int) -> Iterator[tuple[int, int, bytes, int]]:
         offset += length
 
 
+def _until_unreadable(items: Iterator, errors: list) -> Iterator:
+    """`items` until reading them fails: the error goes into `errors`, so only the reading is guarded."""
+    try:
+        yield from items
+    except READ_ERRORS as err:
+        errors.append(err)
+
+
+def _read_error(err: BaseException) -> str:
+    # Only the type and the library's message for I/O-level errors, which quote no record content.
+    return f"{type(err).__name__}: {str(err)[:200]}"
+
+
 def read_jsonl(file: InputFile, cfg: ReaderConfig) -> Iterator[dict]:
-    raw_file = FileSystems.open(file.path, compression_type=CompressionTypes.UNCOMPRESSED)
-    f = gzip.GzipFile(fileobj=raw_file) if file.path.endswith(".gz") else raw_file
     limit = cfg.dead_letter_max_bytes
     lineno, offset = 0, 0
+    errors: list[BaseException] = []
     try:
-        for lineno, offset, line, length in _guarded_lines(f, cfg.max_bytes):
+        raw_file = FileSystems.open(file.path, compression_type=CompressionTypes.UNCOMPRESSED)
+    except READ_ERRORS as err:
+        yield dead_letter(f"{file.rel}:after-line-0", file.rel, 0, b"", f"unreadable file: {_read_error(err)}", limit)
+        return
+    f = gzip.GzipFile(fileobj=raw_file) if file.path.endswith(".gz") else raw_file
+    try:
+        for lineno, offset, line, length in _until_unreadable(_guarded_lines(f, cfg.max_bytes), errors):
             if not line.strip():
                 continue
             derived = f"{file.rel}:{lineno}"
@@ -197,16 +266,20 @@ def read_jsonl(file: InputFile, cfg: ReaderConfig) -> Iterator[dict]:
             except json.JSONDecodeError as err:
                 yield dead_letter(derived, file.rel, offset, line, f"broken JSON: {err}", limit)
                 continue
+            except RecursionError:
+                yield dead_letter(derived, file.rel, offset, line, "broken JSON: nested too deeply", limit)
+                continue
             if not isinstance(obj, dict):
                 yield dead_letter(derived, file.rel, offset, line, f"JSON {type(obj).__name__}, not an object", limit)
                 continue
             yield _record_from_fields(obj, file.rel, file.format, offset, lineno, cfg, line)
-    except READ_ERRORS as err:
-        # A truncated .gz or a failing read: the lines before it are kept, the rest is one dead letter.
-        where = f"{file.rel}:after-line-{lineno}"
-        yield dead_letter(where, file.rel, offset, b"", f"unreadable after line {lineno}: {err!r}", limit)
     finally:
         raw_file.close()
+    if errors:
+        # A truncated .gz or a failing read: the lines before it are kept, the rest is one dead letter.
+        where = f"{file.rel}:after-line-{lineno}"
+        error = f"unreadable after line {lineno}: {_read_error(errors[0])}"
+        yield dead_letter(where, file.rel, offset, b"", error, limit)
 
 
 def _table_batches(file: InputFile) -> Iterator[pa.RecordBatch]:
@@ -228,14 +301,19 @@ def _table_batches(file: InputFile) -> Iterator[pa.RecordBatch]:
 def read_table(file: InputFile, cfg: ReaderConfig) -> Iterator[dict]:
     """Parquet files and Arrow shards (an HF dataset folder): one record per row."""
     row = 0
-    try:
-        for batch in _table_batches(file):
-            for fields in batch.to_pylist():
-                preview = json.dumps(fields, default=str)[: cfg.dead_letter_max_bytes]
-                yield _record_from_fields(fields, file.rel, file.format, row, row, cfg, preview)
-                row += 1
-    except READ_ERRORS as err:
-        error = f"unreadable table after row {row}: {err!r}"
+    errors: list[BaseException] = []
+    for batch in _until_unreadable(_table_batches(file), errors):
+        try:
+            rows = batch.to_pylist()
+        except READ_ERRORS as err:
+            errors.append(err)
+            break
+        for fields in rows:
+            preview = json.dumps(fields, default=str)[: cfg.dead_letter_max_bytes]
+            yield _record_from_fields(fields, file.rel, file.format, row, row, cfg, preview)
+            row += 1
+    if errors:
+        error = f"unreadable table after row {row}: {_read_error(errors[0])}"
         yield dead_letter(f"{file.rel}:after-row-{row}", file.rel, row, b"", error, cfg.dead_letter_max_bytes)
 
 
@@ -250,7 +328,7 @@ def read_whole_file(file: InputFile, cfg: ReaderConfig) -> Iterator[dict]:
                 return
             data = f.read(cfg.max_bytes + 1)
     except READ_ERRORS as err:
-        yield dead_letter(file.rel, file.rel, 0, b"", f"unreadable file: {err!r}", limit)
+        yield dead_letter(file.rel, file.rel, 0, b"", f"unreadable file: {_read_error(err)}", limit)
         return
     if len(data) > cfg.max_bytes:  # the file grew after it was listed
         yield dead_letter(file.rel, file.rel, 0, data[:limit], "file over the size guard", limit)

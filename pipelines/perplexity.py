@@ -13,8 +13,9 @@ from typing import Any
 
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 
-# Scores are rounded to this many significant digits: batches differ between runners and worker
-# counts, and padding changes the last float bits of a matmul; the stored value must not.
+# Scores are rounded to this many significant digits, a margin against float differences between
+# machines and library versions (within one setup each document is scored alone, so no batch-mate
+# or padding affects its score).
 PPL_DIGITS = 6
 
 
@@ -31,7 +32,7 @@ def round_significant(value: float, digits: int = PPL_DIGITS) -> float:
 
 
 class CausalLMPerplexityHandler(ModelHandler[dict, float, LoadedLM]):
-    """Documents (dicts with a `text`) -> perplexity, batched, sorted by length within a batch."""
+    """Documents (dicts with a `text`) -> perplexity; RunInference batches elements, each is scored alone."""
 
     def __init__(self, model_dir: str, max_tokens: int = 256, batch_size: int = 8, device: str = "cpu"):
         super().__init__(min_batch_size=1, max_batch_size=batch_size)
@@ -63,29 +64,24 @@ class CausalLMPerplexityHandler(ModelHandler[dict, float, LoadedLM]):
 
 
 def score_texts(lm: LoadedLM, texts: list[str], max_tokens: int, device: str = "cpu") -> list[float]:
-    """exp(mean NLL) per text; texts are sorted by token length so a padded batch wastes little."""
+    """exp(mean NLL) per text, each in its own forward pass (no padding).
+
+    A padded batch would make a document's score depend on which other documents share its batch (the
+    padded matmul changes the last float bits, and BatchElements sizes batches adaptively), so shards
+    would differ between runs and runners. One unpadded pass per document gives the same score wherever
+    the document lands.
+    """
     import torch
 
-    encoded = [lm.tokenizer(t, add_special_tokens=False)["input_ids"][:max_tokens] for t in texts]
-    order = sorted(range(len(texts)), key=lambda i: len(encoded[i]))
-    pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else lm.tokenizer.eos_token_id
-    scores: list[float] = [math.nan] * len(texts)
-    scorable = [i for i in order if len(encoded[i]) >= 2]  # one token has nothing to predict
-    if not scorable:
-        return scores
-    width = max(len(encoded[i]) for i in scorable)
-    ids = torch.full((len(scorable), width), pad_id or 0, dtype=torch.long)
-    mask = torch.zeros((len(scorable), width), dtype=torch.long)
-    for row, i in enumerate(scorable):
-        ids[row, : len(encoded[i])] = torch.tensor(encoded[i])
-        mask[row, : len(encoded[i])] = 1
+    scores: list[float] = []
     with torch.inference_mode():
-        logits = lm.model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
-        nll = torch.nn.functional.cross_entropy(
-            logits[:, :-1].transpose(1, 2), ids[:, 1:].to(device), reduction="none"
-        )  # [batch, width-1]
-        target_mask = mask[:, 1:].to(device).float()
-        mean_nll = (nll * target_mask).sum(1) / target_mask.sum(1)
-    for row, i in enumerate(scorable):
-        scores[i] = round_significant(math.exp(float(mean_nll[row])))
+        for text in texts:
+            ids = lm.tokenizer(text, add_special_tokens=False)["input_ids"][:max_tokens]
+            if len(ids) < 2:  # one token has nothing to predict
+                scores.append(math.nan)
+                continue
+            input_ids = torch.tensor([ids], dtype=torch.long, device=device)
+            logits = lm.model(input_ids=input_ids).logits.float()
+            mean_nll = torch.nn.functional.cross_entropy(logits[0, :-1], input_ids[0, 1:], reduction="mean")
+            scores.append(round_significant(math.exp(float(mean_nll))))
     return scores

@@ -255,8 +255,13 @@ def _run_inference(handler):
 
 
 def dedup_group(item) -> list[dict]:
-    """Documents sharing a dedup key: keep the smallest id, reject the rest as `duplicate`."""
-    _, docs = item
+    """Documents sharing a dedup key: keep the smallest id, reject the rest as `duplicate`.
+
+    Records decided earlier (rejects, dead letters) pass through as they are, even if two share a key.
+    """
+    key, docs = item
+    if key.startswith("decided:"):
+        return list(docs)
     docs = sorted(docs, key=lambda doc: (doc["id"], doc["source"], doc["offset"]))
     return [docs[0]] + [{**doc, "status": REJECTED, "reason": "duplicate"} for doc in docs[1:]]
 
@@ -273,8 +278,9 @@ class DedupKey:
         if not hasattr(self, "_dedup_key"):
             self.setup()
         if not is_live(doc):
-            # Already decided: must not collide with any text hash (those are 64 hex chars).
-            return f"decided:{doc['id']}:{doc['source']}:{doc.get('offset')}", doc
+            # Already decided: must not collide with any text hash (those are 64 hex chars). The
+            # source (unique per input file, see io.expand_inputs) and offset make the key unique.
+            return f"decided:{doc['source']}:{doc.get('offset')}:{doc['id']}", doc
         return self._dedup_key(doc["text"]), doc
 
 

@@ -33,9 +33,11 @@ def document_row(doc: dict, domain: str) -> dict:
 
 
 def dead_letter_line(doc: dict, limit: int, mask) -> str:
-    """One JSON line: raw record (PII-masked, then truncated), source, offset, error."""
+    """One JSON line: raw record (PII-masked, then truncated), source, offset, error (masked and truncated too:
+    a step's exception message may quote the text)."""
     raw, _ = mask(doc.get("raw") or "", secrets=True)
-    payload = {"id": doc["id"], "source": doc["source"], "offset": doc.get("offset"), "error": doc["error"]}
+    error, _ = mask(doc.get("error") or "", secrets=True)
+    payload = {"id": doc["id"], "source": doc["source"], "offset": doc.get("offset"), "error": error[:limit]}
     payload["raw"] = raw[:limit]
     payload["raw_truncated"] = len(raw) > limit
     return json.dumps(payload, sort_keys=True, ensure_ascii=False)

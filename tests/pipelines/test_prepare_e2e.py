@@ -11,9 +11,18 @@ from pathlib import Path
 import datasets
 import pytest
 
+from cpt.pipelines.config import resolve_config
+from cpt.pipelines.io import expand_inputs
 from cpt.pipelines.run import main
 from cpt.shared import dataset
-from tests.pipelines.prepare_corpus import CODE_MODULES, HTML_MODULES, code_corpus, html_corpus, jsonl_corpus
+from tests.pipelines.prepare_corpus import (
+    CODE_MODULES,
+    HTML_MODULES,
+    code_corpus,
+    html_corpus,
+    jsonl_corpus,
+    topic_texts,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -212,3 +221,54 @@ def test_user_errors_exit_before_any_work_with_one_line(tmp_path, capsys):
     config.write_text("steps: [pii, length, perplexity]\n")
     assert "no model given" in run_error("--input", data, "--output", out, "--config", config)
     assert not out.exists()
+
+
+def test_same_file_names_under_two_patterns_and_a_lone_surrogate_keep_every_record_apart(tmp_path):
+    # Two patterns with a data.jsonl each used to give both files the same ids / source, so their dead
+    # letters met in one dedup group (a KeyError when written); a lone surrogate ended a file's reading.
+    (_, first), (_, second), (_, third) = topic_texts(3)
+    email = "alice.pii@example.com"
+    for folder, text in (("a", first), ("b", second)):
+        (tmp_path / folder).mkdir()
+        lines = ['{"text": "broken', json.dumps({"text": text})]
+        if folder == "b":
+            lines += [f'{{"text": "write to {email} \\ud83d"}}', json.dumps({"text": third})]
+        (tmp_path / folder / "data.jsonl").write_text("\n".join(lines) + "\n")
+    patterns = [str(tmp_path / "a" / "*.jsonl"), str(tmp_path / "b" / "*.jsonl")]
+    assert [f.rel for f in expand_inputs(patterns)] == ["a/data.jsonl", "b/data.jsonl"]
+    assert [f.rel for f in expand_inputs(patterns[:1])] == ["data.jsonl"]  # one pattern: ids as before
+    out = tmp_path / "out"
+    manifest = prepare(
+        "--input", tmp_path / "a" / "*.jsonl", "--input", tmp_path / "b" / "*.jsonl", "--output", out,
+        "--skip", "length", "language", "--num-shards", 1,
+    )  # fmt: skip
+    assert manifest["counts"] == {"input": 6, "kept": 3, "rejected": {}, "dead_letter": 3}
+    kept = datasets.load_from_disk(str(out))
+    assert sorted(zip(kept["id"], kept["source"])) == [
+        ("a/data.jsonl:2", "a/data.jsonl"),
+        ("b/data.jsonl:2", "b/data.jsonl"),
+        ("b/data.jsonl:4", "b/data.jsonl"),
+    ]
+    dead = [json.loads(line) for line in (out / "dead_letter" / "part-00000.jsonl").read_text().splitlines()]
+    assert sorted((d["id"], d["error"].split(":")[0]) for d in dead) == [
+        ("a/data.jsonl:1", "broken JSON"),
+        ("b/data.jsonl:1", "broken JSON"),
+        ("b/data.jsonl:3", "text field 'text' is not valid UTF-8 (lone surrogate at character 31)"),
+    ]
+    assert email.encode() not in all_output_bytes(out)
+
+
+def test_a_rejecting_step_before_pii_is_a_user_error(tmp_path, capsys):
+    # Rejects are written as they are when rejected: `length` before `pii` put unmasked text in rejected/.
+    data = tmp_path / "in.jsonl"
+    data.write_text('{"text": "x"}\n')
+    config = tmp_path / "order.yaml"
+    config.write_text("steps: [html, length, pii, dedup]\n")
+    assert main(["--input", str(data), "--output", str(tmp_path / "out"), "--config", str(config)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "length comes before pii" in err, err
+    assert not (tmp_path / "out").exists()
+    config.write_text("steps: [html, pii, length, dedup]\n")
+    assert resolve_config(None, str(config), {"inputs": [str(data)], "output": "o"}).problems() == []
+    config.write_text("steps: [length, pii]\nskip: [pii]\n")  # pii skipped: nothing to mask, no problem
+    assert resolve_config(None, str(config), {"inputs": [str(data)], "output": "o"}).problems() == []
