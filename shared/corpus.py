@@ -71,6 +71,17 @@ def split_of(name: str, val_fraction: float) -> str:
     return "val" if bucket < val_fraction else "train"
 
 
+def split_key(domain: str, name: str) -> str:
+    """What decides a document's split: its top-level module for code files and pydoc pages alike.
+
+    A module's pydoc page quotes its docstrings word for word, so the page and the source must fall on
+    the same side, or held-out text of one domain is trained on through the other.
+    """
+    if domain == "code" or (domain == "general" and "/" not in name):
+        return "module/" + name.split(".")[0]
+    return f"{domain}/{name}"
+
+
 def content_key(text: str) -> str:
     """Hash of the whitespace-normalised text; identical files must not land in both splits."""
     return hashlib.sha256(" ".join(text.split()).encode("utf-8")).hexdigest()
@@ -169,7 +180,7 @@ def collect(out_dir: str | Path, cfg: CorpusConfig) -> dict:
         if key in seen:
             return None  # exact duplicates (identical __init__.py files) would leak across splits
         seen.add(key)
-        split = split_of(f"{domain}/{name}", cfg.val_fraction)
+        split = split_of(split_key(domain, name), cfg.val_fraction)
         counts[domain][split]["docs"] += 1
         counts[domain][split]["chars"] += len(text)
         return split

@@ -10,7 +10,16 @@ from pathlib import Path
 import pytest
 
 from cpt.shared import report
-from cpt.shared.corpus import CorpusConfig, code_files, collect, content_key, input_patterns, split_of, stdlib_root
+from cpt.shared.corpus import (
+    CorpusConfig,
+    code_files,
+    collect,
+    content_key,
+    input_patterns,
+    split_key,
+    split_of,
+    stdlib_root,
+)
 from cpt.shared.demo import Stages
 from cpt.shared.experiment import VARIANTS, comparison, result_row, variant_regularization, variant_sources
 from tests.helpers import make_prepared_dataset
@@ -25,6 +34,13 @@ def test_split_is_a_stable_hash_of_the_name():
     assert 150 < held_out < 250  # ~10%, not an exact count: it is a hash, not a shuffle
     # A larger fraction only moves documents from train to val, never the other way round.
     assert all(split_of(n, 0.3) == "val" for n in names if split_of(n, 0.1) == "val")
+
+
+def test_a_module_source_and_its_pydoc_page_fall_on_the_same_side():
+    # The page quotes the module's docstrings: splitting them apart would leak held-out text.
+    assert split_key("code", "json.decoder.py") == split_key("general", "json") == "module/json"
+    assert split_key("code", "abc.py") == split_key("general", "abc")
+    assert split_key("general", "topic/assert") == "general/topic/assert"
 
 
 def test_content_key_ignores_whitespace_only_differences():
@@ -52,7 +68,7 @@ def test_collect_writes_each_document_to_exactly_one_split(tiny_corpus):
     assert not set(code["train"]) & set(code["val"])
     assert counts["code"]["train"]["docs"] == len(code["train"])
     for split, names in code.items():
-        assert all(split_of(f"code/{n}", TINY.val_fraction) == split for n in names)
+        assert all(split_of(split_key("code", n), TINY.val_fraction) == split for n in names)
     keys = [content_key(p.read_text()) for p in (out / "code").rglob("*.py")]
     assert len(keys) == len(set(keys))
 
