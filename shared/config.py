@@ -115,6 +115,12 @@ def _convert(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
         if not isinstance(value, bool):
             problems.append(f"{where}: expected true or false, got {value!r}")
         return value
+    if tp in (int, float) and isinstance(value, str):
+        # YAML 1.1 (PyYAML) reads `1e-5` and `1e9` -- no dot -- as strings; users mean numbers.
+        try:
+            value = float(value)
+        except ValueError:
+            pass
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             if isinstance(value, float) and value.is_integer():
@@ -145,7 +151,11 @@ def _build(cls, data: dict, where: str, problems: list[str]):
             suggestion = f" (did you mean {hint[0]!r}?)" if hint else f" (known keys: {', '.join(fields)})"
             problems.append(f"{where + '.' if where else ''}{key}: unknown key{suggestion}")
             continue
-        kwargs[key] = _convert(value, hints[key], f"{where + '.' if where else ''}{key}", problems)
+        before = len(problems)
+        converted = _convert(value, hints[key], f"{where + '.' if where else ''}{key}", problems)
+        if len(problems) > before and _has_default(fields[key]):
+            continue  # listed already; the default keeps `problems()` below from tripping over a wrong type
+        kwargs[key] = converted
     missing = [
         name
         for name, f in fields.items()
@@ -162,6 +172,10 @@ def _build(cls, data: dict, where: str, problems: list[str]):
     if callable(check) and obj is not None:
         problems += [f"{where + '.' if where else ''}{p}" if where else p for p in check()]
     return obj
+
+
+def _has_default(f: dataclasses.Field) -> bool:
+    return f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
 
 
 def _placeholder(cls, kwargs):

@@ -325,6 +325,9 @@ def test_token_shards_from_another_tokenizer_are_refused(tmp_path, sources, toke
     assert check_sources(cfg, str(tokenizer_dir)) == []
     with pytest.raises(DatasetError, match="its token shards were made with tokenizer sha256"):
         MixtureLoader(cfg, AutoTokenizer.from_pretrained(str(other_dir)), seed=0, micro_batch_size=1)
+    # `cpt eval` and the trainer's eval sets read through eval_sequences: refused there too.
+    with pytest.raises(DatasetError, match="its token shards were made with tokenizer sha256"):
+        eval_sequences(sources["domain"], AutoTokenizer.from_pretrained(str(other_dir)), 64, 2)
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage"])

@@ -7,8 +7,16 @@ from collections import defaultdict
 import numpy as np
 import torch
 
-from cpt.shared.dataset import DatasetError
-from cpt.trainer.data.sources import BLOCK_ROWS, SourceIndex, read_rows, text_block, tokenized_block
+from cpt.shared.dataset import DatasetError, tokenizer_fingerprint
+from cpt.trainer.data.sources import (
+    BLOCK_ROWS,
+    SourceIndex,
+    local_tokenizer_dir,
+    read_rows,
+    text_block,
+    tokenized_block,
+    tokenizer_problem,
+)
 
 # Documents fetched per round while filling the sequences (text shards are tokenized per round).
 CHUNK_DOCS = 512
@@ -48,6 +56,12 @@ def eval_sequences(path: str, tokenizer, seq_len: int, max_sequences: int) -> di
     kept, so every position is a real target and the perplexity needs no mask.
     """
     index = SourceIndex("eval", path)
+    folder = local_tokenizer_dir(tokenizer)
+    if index.tokenized and folder is not None:
+        # Token ids from another tokenizer would give a meaningless perplexity (or an index error).
+        problem = tokenizer_problem(index, tokenizer_fingerprint(folder), folder)
+        if problem:
+            raise DatasetError(problem)
     keys = _doc_keys(index)
     eos = tokenizer.eos_token_id
     need = seq_len * max_sequences
