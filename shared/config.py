@@ -153,7 +153,7 @@ def _build(cls, data: dict, where: str, problems: list[str]):
             continue
         before = len(problems)
         converted = _convert(value, hints[key], f"{where + '.' if where else ''}{key}", problems)
-        if len(problems) > before and _has_default(fields[key]):
+        if len(problems) > before and _is_scalar(hints[key]) and _has_default(fields[key]):
             continue  # listed already; the default keeps `problems()` below from tripping over a wrong type
         kwargs[key] = converted
     missing = [
@@ -172,6 +172,11 @@ def _build(cls, data: dict, where: str, problems: list[str]):
     if callable(check) and obj is not None:
         problems += [f"{where + '.' if where else ''}{p}" if where else p for p in check()]
     return obj
+
+
+def _is_scalar(tp) -> bool:
+    _, inner = _is_optional(tp)
+    return inner in (int, float, bool, str) or typing.get_origin(inner) is Literal
 
 
 def _has_default(f: dataclasses.Field) -> bool:
