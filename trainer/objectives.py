@@ -8,6 +8,8 @@ logit memory is B x chunk x V for each model, recomputed in the backward pass in
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -196,36 +198,50 @@ def estimate_fisher(
     return {name: f / seen for name, f in fisher.items()}, seen
 
 
-def save_fisher(path: str, fisher: dict[str, torch.Tensor], sequences: int, source: str) -> None:
-    """Write the Fisher diagonal as safetensors (temp name + rename), with how it was made in the metadata."""
-    import os
+def save_fisher(path: str, fisher: dict[str, torch.Tensor], sequences: int, source: str, world=None) -> None:
+    """Write the Fisher diagonal as safetensors (sharded past 5 GB), with how it was made in the metadata.
 
-    from safetensors.torch import save_file
+    Under FSDP every rank holds a shard: they are gathered one tensor at a time and written by rank 0
+    (every rank must call this). Written under temporary names, then renamed.
+    """
+    from cpt.trainer import weights
 
-    tmp = f"{path}.tmp"
-    tensors = {name: t.detach().float().cpu().contiguous() for name, t in fisher.items()}
-    save_file(tensors, tmp, metadata={"sequences": str(sequences), "source": source, "format": "cpt-ewc-fisher-v1"})
-    os.replace(tmp, path)
+    main = world is None or world.is_main
+    folder, prefix = os.path.dirname(path) or ".", os.path.basename(path).removesuffix(".safetensors")
+    metadata = {"sequences": str(sequences), "source": source, "format": "cpt-ewc-fisher-v1"}
+    tensors = weights.full_tensors(fisher, torch.float32)
+    weights.write_safetensors(tensors, folder, prefix, main=main, metadata=metadata)
 
 
 def load_fisher(path: str, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Read a Fisher file and check it covers exactly these parameters with the same shapes."""
-    from safetensors.torch import load_file
+    """Read a Fisher file (or index) into tensors laid out like `params` (each rank its shard under FSDP).
 
-    fisher = load_file(path)
+    Checks first that it covers exactly these parameters with the same shapes.
+    """
+    from safetensors import safe_open
+
+    from cpt.trainer import weights
+
+    files = weights.safetensors_files(path)
+    shapes = {}
+    for file in set(files.values()):
+        with safe_open(str(file), framework="pt") as f:
+            shapes.update({name: tuple(f.get_slice(name).get_shape()) for name in f.keys()})
     problems = []
-    missing = sorted(set(params) - set(fisher))
-    extra = sorted(set(fisher) - set(params))
+    missing = sorted(set(params) - set(shapes))
+    extra = sorted(set(shapes) - set(params))
     if missing:
         problems.append(f"missing {len(missing)} parameter(s), e.g. {missing[:3]}")
     if extra:
         problems.append(f"{len(extra)} unknown parameter(s), e.g. {extra[:3]}")
-    for name in sorted(set(params) & set(fisher)):
-        if tuple(fisher[name].shape) != tuple(params[name].shape):
-            problems.append(f"{name}: shape {tuple(fisher[name].shape)} != model {tuple(params[name].shape)}")
+    for name in sorted(set(params) & set(shapes)):
+        if shapes[name] != tuple(params[name].shape):
+            problems.append(f"{name}: shape {shapes[name]} != model {tuple(params[name].shape)}")
     if problems:
         raise ValueError(
             f"{path}: this Fisher file does not match the model ({'; '.join(problems[:5])}); "
             "set regularization.ewc.fisher_path: null to re-estimate it"
         )
-    return {name: fisher[name].to(device=p.device, dtype=p.dtype) for name, p in params.items()}
+    fisher = {name: torch.zeros_like(p.detach()) for name, p in params.items()}
+    weights.fill_from_files(fisher, files, path)
+    return fisher

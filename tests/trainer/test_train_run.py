@@ -58,7 +58,7 @@ def test_keeps_the_last_two_checkpoints_each_complete(finished):
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-6", "checkpoint-8"]
     assert not list(out.glob(".tmp-*"))
     files = {p.name for p in (out / "checkpoint-8").iterdir()}
-    assert {"model.safetensors", "config.json", "tokenizer.json", "optimizer.pt", "scheduler.pt"} <= files
+    assert {".metadata", "__0_0.distcp", "config.json", "tokenizer.json", "scheduler.pt"} <= files  # DCP
     assert {"rng_state_rank0.pt", "data_state_rank0.json", "trainer_state.json"} <= files
     state = json.loads((out / "checkpoint-8" / "trainer_state.json").read_text())
     assert (state["step"], state["tokens"], state["world_size"]) == (8, STEPS * PER_STEP * SEQ, 1)
