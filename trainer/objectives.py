@@ -209,8 +209,7 @@ def save_fisher(path: str, fisher: dict[str, torch.Tensor], sequences: int, sour
     main = world is None or world.is_main
     folder, prefix = os.path.dirname(path) or ".", os.path.basename(path).removesuffix(".safetensors")
     metadata = {"sequences": str(sequences), "source": source, "format": "cpt-ewc-fisher-v1"}
-    tensors = weights.full_tensors(fisher, torch.float32)
-    weights.write_safetensors(tensors, folder, prefix, main=main, metadata=metadata)
+    weights.write_safetensors(weights.entries_of(fisher, torch.float32), folder, prefix, main=main, metadata=metadata)
 
 
 def load_fisher(path: str, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -15,8 +15,11 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import math
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -172,21 +175,76 @@ def tied_names(model: nn.Module) -> set[str]:
     return set(getattr(model, "all_tied_weights_keys", None) or {})
 
 
-def full_tensors(state: dict[str, torch.Tensor], dtype: torch.dtype | None = None, skip=()) -> Iterator:
-    """(name, whole tensor on CPU) one at a time; a DTensor is gathered from its shards (a collective)."""
+@dataclass
+class Entry:
+    """One tensor to write: its global shape and stored dtype, and how to get the whole of it (maybe a collective)."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    fetch: Callable[[], torch.Tensor]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+def entries_of(state: dict[str, torch.Tensor], dtype: torch.dtype | None = None, skip=()) -> dict[str, Entry]:
+    """Entries for a (maybe sharded) state dict; floating tensors are cast to `dtype` when it is given."""
+
+    def fetch(tensor, out_dtype):
+        whole = tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor  # DTensor: all-gather
+        return whole.detach().to(device="cpu", dtype=out_dtype)
+
+    found = {}
     for name, tensor in state.items():
         if name in skip:
             continue
-        if hasattr(tensor, "full_tensor"):
-            tensor = tensor.full_tensor()
-        tensor = tensor.detach()
-        if dtype is not None and tensor.is_floating_point():
-            tensor = tensor.to(dtype)
-        yield name, tensor.cpu()
+        out_dtype = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
+        found[name] = Entry(tuple(tensor.shape), out_dtype, partial(fetch, tensor, out_dtype))
+    return found
+
+
+# safetensors' own writer needs every tensor of a file in memory at once; this one writes the header from the
+# shapes first and then each tensor as soon as it is gathered, so a rank holds one tensor, not a 5 GB file.
+SAFETENSORS_DTYPES = {
+    torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL",
+}  # fmt: skip
+
+
+def plan_files(entries: dict[str, Entry], max_shard_bytes: int) -> list[list[str]]:
+    """Names grouped into files of at most `max_shard_bytes` (a larger single tensor gets a file of its own)."""
+    files, current, size = [], [], 0
+    for name, entry in entries.items():
+        if current and size + entry.nbytes > max_shard_bytes:
+            files.append(current)
+            current, size = [], 0
+        current.append(name)
+        size += entry.nbytes
+    if current or not files:
+        files.append(current)
+    return files
+
+
+def safetensors_header(entries: dict[str, Entry], names: list[str], metadata: dict | None) -> bytes:
+    header, offset = {}, 0
+    for name in names:
+        entry = entries[name]
+        header[name] = {
+            "dtype": SAFETENSORS_DTYPES[entry.dtype],
+            "shape": list(entry.shape),
+            "data_offsets": [offset, offset + entry.nbytes],
+        }
+        offset += entry.nbytes
+    header["__metadata__"] = {str(k): str(v) for k, v in (metadata or {"format": "pt"}).items()}
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    return len(raw).to_bytes(8, "little") + raw
 
 
 def write_safetensors(
-    tensors: Iterable[tuple[str, torch.Tensor]],
+    entries: dict[str, Entry],
     folder: str | Path,
     prefix: str = "model",
     *,
@@ -194,50 +252,34 @@ def write_safetensors(
     max_shard_bytes: int = MAX_SHARD_BYTES,
     metadata: dict | None = None,
 ) -> list[Path]:
-    """Write tensors as PREFIX.safetensors, or PREFIX-0000i-of-0000n.safetensors + index, a file at a time.
+    """Write PREFIX.safetensors, or PREFIX-0000i-of-0000n.safetensors + PREFIX.safetensors.index.json.
 
-    Every rank must iterate `tensors` (gathering is collective); only `main` keeps and writes them.
+    Every rank must call this (fetching a sharded tensor is collective); only `main` writes. Files get
+    their names by rename once complete.
     """
-    from safetensors.torch import save_file
-
     folder = Path(folder)
-    current: dict[str, torch.Tensor] = {}
-    size = total = 0
-    parts: list[tuple[Path, list[str]]] = []
-
-    def flush():
-        nonlocal current, size
-        if current and main:
-            path = folder / f".{prefix}-part{len(parts):05d}.safetensors"
-            tensors = {k: v.contiguous() for k, v in current.items()}
-            save_file(tensors, str(path), metadata=metadata or {"format": "pt"})
-            parts.append((path, list(current)))
-        current, size = {}, 0
-
-    for name, tensor in tensors:
-        if not main:
-            continue
-        nbytes = tensor.numel() * tensor.element_size()
-        if current and size + nbytes > max_shard_bytes:
-            flush()
-        current[name] = tensor
-        size += nbytes
-        total += nbytes
-    flush()
-    if not main:
-        return []
-    if len(parts) == 1:
-        final = folder / f"{prefix}.safetensors"
-        os.replace(parts[0][0], final)
-        return [final]
+    groups = plan_files(entries, max_shard_bytes)
+    many = len(groups) > 1
     written, weight_map = [], {}
-    for i, (path, names) in enumerate(parts, 1):
-        final = folder / f"{prefix}-{i:05d}-of-{len(parts):05d}.safetensors"
-        os.replace(path, final)
-        written.append(final)
-        weight_map.update({name: final.name for name in names})
-    index = {"metadata": {"total_size": total, **(metadata or {})}, "weight_map": weight_map}
-    (folder / f"{prefix}.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    for i, names in enumerate(groups, 1):
+        final = folder / (f"{prefix}-{i:05d}-of-{len(groups):05d}.safetensors" if many else f"{prefix}.safetensors")
+        tmp = folder / f".{final.name}.tmp"
+        with open(tmp, "wb") if main else contextlib.nullcontext() as f:
+            if main:
+                f.write(safetensors_header(entries, names, metadata))
+            for name in names:
+                tensor = entries[name].fetch()
+                if main:
+                    f.write(tensor.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+                del tensor
+        if main:
+            os.replace(tmp, final)
+            written.append(final)
+            weight_map.update({name: final.name for name in names})
+    if main and many:
+        total = sum(e.nbytes for e in entries.values())
+        index = {"metadata": {"total_size": total, **(metadata or {})}, "weight_map": weight_map}
+        (folder / f"{prefix}.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     return written
 
 
@@ -260,8 +302,7 @@ def safetensors_exists(path: str | Path) -> bool:
 
 def save_hf_folder(folder: Path, model: nn.Module, tokenizer, state: dict, dtype: str, main: bool) -> None:
     """An HF model folder (config, sharded safetensors in `dtype`, tokenizer), streamed one tensor at a time."""
-    tensors = full_tensors(state, DTYPES[dtype], skip=tied_names(model))
-    write_safetensors(tensors, folder, "model", main=main)
+    write_safetensors(entries_of(state, DTYPES[dtype], skip=tied_names(model)), folder, "model", main=main)
     if main:
         config = copy.deepcopy(model.config)  # the running model keeps its own dtype
         config.dtype = DTYPES[dtype]

@@ -83,12 +83,12 @@ def test_streamed_hf_folder_shards_by_size_and_loads_back(tmp_path, tiny_model_d
         trained.model.embed_tokens.weight[0].fill_(0.25)
     tokenizer = AutoTokenizer.from_pretrained(str(tiny_model_dir))
     # Files of at most ~100 KB: the 2-layer model is split over several, with an index, as HF writes 5 GB ones.
-    tensors = weights.full_tensors(trained.state_dict(), torch.bfloat16, skip=weights.tied_names(trained))
-    written = weights.write_safetensors(tensors, tmp_path, "model", max_shard_bytes=100_000)
+    entries = weights.entries_of(trained.state_dict(), torch.bfloat16, skip=weights.tied_names(trained))
+    written = weights.write_safetensors(entries, tmp_path, "model", max_shard_bytes=100_000)
     trained.config.save_pretrained(str(tmp_path))
     tokenizer.save_pretrained(str(tmp_path))
     assert len(written) > 2 and (tmp_path / "model.safetensors.index.json").is_file()
-    assert not list(tmp_path.glob(".model-part*"))
+    assert not list(tmp_path.glob(".*.tmp"))
     loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32)
     assert loaded.model.norm.weight.tolist() == [0.5] * 64
     assert loaded.lm_head.weight[0].tolist() == [0.25] * 64  # the tied head follows the embeddings

@@ -108,6 +108,21 @@ def test_final_loads_with_from_pretrained_and_reproduces_the_last_eval(finished,
     assert records[-1]["domain_ppl"] < records[0]["domain_ppl"]  # it learned something
 
 
+def test_cpt_export_turns_the_last_checkpoint_into_the_final_model(finished, data, tmp_path):
+    from cpt.shared.cli import main as cpt
+
+    out, _, _, records = finished
+    assert cpt(["export", "--checkpoint", str(out / "checkpoint-8"), "--output", str(tmp_path / "hf")]) == 0
+    exported = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"))
+    final = AutoModelForCausalLM.from_pretrained(str(out / "final"))
+    for (name, a), (_, b) in zip(exported.state_dict().items(), final.state_dict().items()):
+        assert torch.equal(a, b), name
+    bf16 = ["--output", str(tmp_path / "bf16"), "--dtype", "bf16"]
+    assert cpt(["export", "--checkpoint", str(out / "checkpoint-8"), *bf16]) == 0
+    assert AutoModelForCausalLM.from_pretrained(str(tmp_path / "bf16")).dtype == torch.bfloat16
+    assert cpt(["export", "--checkpoint", str(out), "--output", str(tmp_path / "x")]) == 2  # not a checkpoint
+
+
 def test_data_trace_has_one_line_per_sequence_in_order(finished):
     out, *_ = finished
     lines = [json.loads(line) for line in (out / "data_trace.jsonl").read_text().splitlines()]
