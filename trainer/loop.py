@@ -256,6 +256,10 @@ class Run:
         """Perplexity on every set; step 0 becomes the baseline; a new best (within the constraint) is saved."""
         micro = self.cfg.eval.micro_batch_size or self.cfg.train.micro_batch_size
         results = evaluate(self.parts.objective, eval_sets, micro, self.parts.autocast, eval_world)
+        if hasattr(self.parts.objective, "reshard"):
+            # FSDP2 keeps the root's parameters (embeddings, head) gathered after a forward with no backward;
+            # shard them again, or every rank keeps full copies and the optimizer no longer sees its shards.
+            self.parts.objective.reshard()
         step = record["step"]
         if step == 0:
             self.state.baseline = dict(results)
