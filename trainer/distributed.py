@@ -44,7 +44,8 @@ def setup(device: str = "auto") -> Dist:
         where = torch.device("cuda", local_rank)
     else:
         where = torch.device("cpu")
-    if world_size > 1 and not dist.is_initialized():
+    # Under torchrun a process group also for one process: FSDP2 (train.fsdp) needs one even then.
+    if (world_size > 1 or "TORCHELASTIC_RUN_ID" in os.environ) and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if use_cuda else "gloo", device_id=where if use_cuda else None)
     return Dist(rank, world_size, local_rank, where)
 
