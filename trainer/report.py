@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from pathlib import Path
 
 METRICS = "metrics.jsonl"
@@ -17,8 +18,20 @@ REPORT = "report.png"
 
 
 def truncate(path: Path, size: int) -> None:
-    """Cut a file back to `size` bytes (what it held at the checkpoint); create it empty if missing."""
+    """Cut a file back to `size` bytes (what it held at the checkpoint); create it empty if missing.
+
+    A file shorter than `size` (deleted or cut by hand since the checkpoint) is kept as it is, with a
+    warning: `truncate()` would pad it with NUL bytes, which no JSON-lines reader accepts.
+    """
     with open(path, "a+b") as f:
+        held = f.seek(0, os.SEEK_END)
+        if held < size:
+            warnings.warn(
+                f"{path} holds {held} bytes but the checkpoint recorded {size}; its lines up to the checkpoint "
+                "are lost (was it deleted or moved?). Logging continues after what it holds",
+                stacklevel=2,
+            )
+            return
         f.truncate(size)
 
 
