@@ -17,7 +17,8 @@ from cpt.trainer.data.config import DataConfig
 from cpt.trainer.data.schedule import pick_source, target_shares
 from cpt.trainer.data.sources import SourceDocs, SourceIndex
 
-STATE_VERSION = 1
+# 2: rows are shuffled inside each (shard, row-block) unit, so a version-1 state would resume another order.
+STATE_VERSION = 2
 
 
 @dataclass
