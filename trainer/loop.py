@@ -125,7 +125,7 @@ def is_oom(err: BaseException) -> bool:
 
 def train(cfg: RunConfig, resume: bool = False) -> TrainerState:
     """Run (or resume) a CPT run described by `cfg`; returns the final counters."""
-    world = distributed.setup(cfg.train.device)
+    world = distributed.setup(cfg.train.device, cfg.train.dist_timeout_s)
     try:
         return _train(cfg, resume, world)
     finally:
@@ -203,7 +203,7 @@ def _train(cfg: RunConfig, resume: bool, world: distributed.Dist) -> TrainerStat
         total_tokens=total_steps * tokens_per_step(cfg, world.world_size),
     )
     eval_sets = {
-        name: eval_sequences(path, tokenizer, cfg.data.seq_len, cfg.eval.max_sequences)
+        name: eval_sequences(path, tokenizer, cfg.data.seq_len, cfg.eval.max_sequences, cfg.data.add_bos)
         for name, path in cfg.eval.sets.items()
     }
     state = TrainerState(tokens_per_source={n: 0 for n in names})
@@ -212,7 +212,7 @@ def _train(cfg: RunConfig, resume: bool, world: distributed.Dist) -> TrainerStat
     log = RunLog(out, main, state.metrics_bytes, state.step if start is not None else None)
     trace = JsonlFile(out / TRACE, main and cfg.data.trace, state.trace_bytes)
     run = Run(cfg, world, out, model, objective, optimizer, scheduler, loader, tokenizer, state, log, trace, autocast)
-    eval_world = distributed.Dist() if cfg.train.fsdp else world  # FSDP: every rank runs every eval batch
+    eval_world = world  # each rank evaluates its share of the sequences; the sums are all-reduced
 
     if state.step == 0:
         run.evaluate_and_log({"step": 0}, eval_sets, eval_world)
@@ -338,7 +338,7 @@ def ewc_setup(cfg: RunConfig, model, tokenizer, autocast, world, eval_sequences,
     names = [s.name for s in cfg.data.sources]
     source = ewc_cfg.source or next((n for n in names if n != cfg.domain_source), "general")
     folder = {s.name: s.path for s in cfg.data.sources}.get(source) or cfg.eval.sets[source]
-    sequences = eval_sequences(folder, tokenizer, cfg.data.seq_len, ewc_cfg.fisher_samples)
+    sequences = eval_sequences(folder, tokenizer, cfg.data.seq_len, ewc_cfg.fisher_samples, cfg.data.add_bos)
     objective = CausalLMObjective(model, chunk_size=cfg.train.loss_chunk_size)
     fisher, seen = estimate_fisher(objective, sequences, autocast, world.rank, world.world_size)
     if world.is_main:

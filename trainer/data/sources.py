@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from cpt.shared.dataset import DatasetError, filesystem, read_manifest, shard_urls, tokenizer_fingerprint
+from cpt.trainer.conventions import with_bos
 
 #: Rows per (shard, row-block) unit; `write_shard` writes record batches of this size.
 BLOCK_ROWS = 1000
@@ -134,8 +135,8 @@ class SourceDocs:
     from a buffer needs saving to resume.
     """
 
-    def __init__(self, index: SourceIndex, tokenizer, seed: int, shuffle_buffer: int = 0):
-        self.index, self.tokenizer, self.seed = index, tokenizer, seed
+    def __init__(self, index: SourceIndex, tokenizer, seed: int, shuffle_buffer: int = 0, bos: int | None = None):
+        self.index, self.tokenizer, self.seed, self.bos = index, tokenizer, seed, bos
         self.window = max(int(shuffle_buffer), 1)
         self._epoch = None
         self._window_key = None
@@ -187,7 +188,7 @@ class SourceDocs:
         return order
 
     def doc(self, epoch: int, position: int) -> tuple[str, np.ndarray]:
-        """(doc id, token ids without EOS) of the document at `position` of `epoch`."""
+        """(doc id, token ids without EOS, with BOS in front when `bos` is set) of the document at `position`."""
         unit, row = self.locate(epoch, position)
         return self._block(unit).doc(row)
 
@@ -206,6 +207,8 @@ class SourceDocs:
             block = text_block(read_rows(url, start, stop, ["id", "text"]), self.tokenizer)
         if len(block.ids) != stop - start:
             raise DatasetError(f"{url}: rows {start}..{stop} could not be read; re-run `cpt prepare`")
+        if self.bos is not None:
+            block = Block(block.ids, *with_bos(block.offsets, block.tokens, self.bos))
         self._blocks[unit] = block
         while len(self._blocks) > 1 and sum(len(b.ids) for b in self._blocks.values()) > self._max_rows:
             self._blocks.popitem(last=False)
