@@ -28,7 +28,7 @@ def set_sums(objective, sequences: dict, micro_batch_size: int, autocast=context
     """(sum of NLL, target tokens, UTF-8 bytes of the targets) over `sequences`, split across ranks and summed.
 
     Rank r takes sequences r, r + W, ... and every rank runs the same number of forwards: under FSDP a
-    forward is a collective (its all-gathers), so a rank with no sequences left repeats a batch and
+    forward is a collective (its all-gathers), so a rank with no sequences left runs one sequence and
     drops its result instead of leaving the others waiting.
     """
     world = world or Dist()
@@ -45,7 +45,7 @@ def set_sums(objective, sequences: dict, micro_batch_size: int, autocast=context
         rows = mine[round_ * micro_batch_size : (round_ + 1) * micro_batch_size]
         padding = len(rows) == 0
         if padding:
-            rows = torch.arange(min(micro_batch_size, count))
+            rows = torch.arange(1)
         with autocast():
             nll, _ = objective(input_ids[rows].to(device), position_ids[rows].to(device), labels[rows].to(device))
         if padding:

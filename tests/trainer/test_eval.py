@@ -93,6 +93,7 @@ def test_bits_per_byte_matches_a_hand_computation(tiny_model_dir, tokenizer_dir,
     assert result["text_ppl"] == pytest.approx(math.exp(float(nll) / targets), rel=1e-5)
 
 
+@pytest.mark.slow
 def test_two_tokenizers_give_different_perplexity_but_comparable_bits_per_byte(tmp_path):
     """Two tiny models, same text and training budget, vocabularies of 1024 and 320: ppl differs, bpb agrees."""
     train_text = stdlib_texts(60, max_chars=3000)
