@@ -431,6 +431,10 @@ def run_demo(workdir: Path, scale: DemoScale, model: Path | None, force: bool) -
 
     before, after = report.read_eval(before_json), report.read_eval(after_json)
     table = report.before_after_table(before, after, SET_LABELS)
+    bpb_before, bpb_after = report.read_eval(before_json, "bpb"), report.read_eval(after_json, "bpb")
+    if all(name in bpb_before and name in bpb_after for name in SET_LABELS):  # eval files of older cpt lack bpb
+        bpb_table = report.before_after_table(bpb_before, bpb_after, SET_LABELS, "bpb")
+        table += "\n\nBits per byte (comparable across tokenizers):\n\n" + bpb_table
     curves = [("continued pre-training on code", report.read_jsonl(runs / "cpt" / "metrics.jsonl"))]
     if model is None:
         curves.insert(0, ("base pre-training (general only)", report.read_jsonl(runs / "base" / "metrics.jsonl")))

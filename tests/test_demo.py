@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -170,8 +171,17 @@ def test_before_after_table_is_exact():
 
 def test_read_eval_takes_the_ppl_keys_of_cpt_eval_output(tmp_path):
     path = tmp_path / "eval.json"
-    path.write_text(json.dumps({"model": "m", "seq_len": 64, "sets": {}, "domain_ppl": 12.5, "general_ppl": 3.0}))
+    payload = {"model": "m", "seq_len": 64, "sets": {}, "domain_ppl": 12.5, "general_ppl": 3.0, "domain_bpb": 1.25}
+    path.write_text(json.dumps({**payload, "general_bpb": None}))
     assert report.read_eval(path) == {"domain": 12.5, "general": 3.0}
+    bpb = report.read_eval(path, "bpb")
+    assert bpb["domain"] == 1.25 and math.isnan(bpb["general"])  # null: bytes unknown
+
+
+def test_before_after_table_of_bits_per_byte():
+    table = report.before_after_table({"domain": 2.0}, {"domain": 1.5}, {"domain": "code"}, "bpb")
+    assert table.splitlines()[0] == "| held-out set | bpb before |   | bpb after | change |"
+    assert table.splitlines()[2] == "| code         |      2.000 | → |     1.500 | -25.0% |"
 
 
 def test_variants_share_one_token_budget_and_differ_in_mix():
