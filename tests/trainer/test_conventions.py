@@ -155,3 +155,19 @@ def test_packed_documents_do_not_attend_to_each_other(attention, tokenizers, tin
     with torch.no_grad():
         joined = model(input_ids=packed, position_ids=torch.arange(40)[None], use_cache=False).logits[0]
     assert (joined[24:] - alone[1]).abs().max() > 1e-3
+
+
+def test_token_shards_that_already_hold_special_tokens_are_refused(tokenizer_dir, tmp_path):
+    from cpt.shared.dataset import MANIFEST, DatasetError, read_manifest, write_json_atomic
+    from cpt.trainer.data import check_sources
+
+    path = make_prepared_dataset(tmp_path / "code", TEXTS[:4], tokenizer_dir=tokenizer_dir)
+    cfg = load_config(DataConfig, data={"seq_len": 64, "sources": [{"name": "code", "path": path}]})
+    assert check_sources(cfg, str(tokenizer_dir)) == []
+    manifest = read_manifest(path)
+    manifest["tokenizer"]["add_special_tokens"] = True  # what a tool tokenizing with BOS/EOS would have to say
+    write_json_atomic(f"{path}/{MANIFEST}", manifest)
+    problems = check_sources(cfg, str(tokenizer_dir))
+    assert len(problems) == 1 and "its token shards hold the tokenizer's special tokens" in problems[0]
+    with pytest.raises(DatasetError, match="the trainer adds BOS and EOS itself"):
+        eval_sequences(path, AutoTokenizer.from_pretrained(str(tokenizer_dir)), 64, 1)

@@ -219,6 +219,13 @@ def tokenizer_problem(index: SourceIndex, fingerprint: str, tokenizer_dir: str) 
     """A message when a source's token shards were made with another tokenizer than the run's."""
     if not index.tokenized:
         return None
+    if (index.manifest.get("tokenizer") or {}).get("add_special_tokens"):
+        # The trainer puts BOS/EOS around every document itself; shards that hold them would get two of each.
+        return (
+            f"source {index.name!r} ({index.path}): its token shards hold the tokenizer's special tokens "
+            "(manifest tokenizer.add_special_tokens: true), but the trainer adds BOS and EOS itself; re-run "
+            f"`cpt prepare --tokenizer {tokenizer_dir}`, which stores bare tokens"
+        )
     made_with = (index.manifest.get("tokenizer") or {}).get("sha256")
     if made_with == fingerprint:
         return None
