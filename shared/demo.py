@@ -448,6 +448,8 @@ def run_demo(workdir: Path, scale: DemoScale, model: Path | None, force: bool) -
         "eval_sets": eval_sets,
         "before": before,
         "after": after,
+        "before_bpb": bpb_before,
+        "after_bpb": bpb_after,
         "stage_seconds": {k: round(v, 1) for k, v in stages.times.items()},
         "stage_cpu_seconds": {k: round(v, 1) for k, v in stages.cpu.items()},
         "total_seconds": round(time.monotonic() - started, 1),

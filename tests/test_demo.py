@@ -22,7 +22,14 @@ from cpt.shared.corpus import (
     stdlib_root,
 )
 from cpt.shared.demo import Stages
-from cpt.shared.experiment import VARIANTS, comparison, result_row, variant_regularization, variant_sources
+from cpt.shared.experiment import (
+    VARIANTS,
+    bpb_table,
+    comparison,
+    result_row,
+    variant_regularization,
+    variant_sources,
+)
 from tests.helpers import make_prepared_dataset
 
 TINY = CorpusConfig(code_files=12, html_pages=6, readmes=3, topics=3, val_fraction=0.25)
@@ -281,6 +288,8 @@ def test_small_demo_runs_every_stage_and_lowers_domain_perplexity(tmp_path):
     assert state["after"]["domain"] < state["before"]["domain"]
     assert (workdir / "report.png").stat().st_size > 10_000
     assert "| domain (stdlib code)" in (workdir / "REPORT.md").read_text()
+    assert state["after_bpb"]["domain"] < state["before_bpb"]["domain"]
+    assert "| held-out set | bpb before |" in (workdir / "REPORT.md").read_text()
 
 
 def test_sigterm_stops_the_running_stage(tmp_path):
@@ -300,3 +309,14 @@ def test_sigterm_stops_the_running_stage(tmp_path):
     assert demo.wait(timeout=20) == 128 + signal.SIGTERM
     with pytest.raises(ProcessLookupError):
         os.kill(stage_pid, 0)  # killed and reaped, not orphaned
+
+
+def test_experiment_bpb_table_lists_the_base_and_every_variant():
+    table = bpb_table({"domain": 2.5, "general": 1.25}, {"replay-5": {"domain": 2.0, "general": 1.3}})
+    assert table.splitlines() == [
+        "| variant           | domain bpb | general bpb |",
+        "|-------------------|-----------:|------------:|",
+        "| base (before CPT) |      2.500 |       1.250 |",
+        "| replay-5          |      2.000 |       1.300 |",
+    ]
+    assert bpb_table({}, {"replay-5": {"domain": 2.0, "general": 1.3}}) is None  # a demo run before bpb existed
