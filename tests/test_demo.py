@@ -289,7 +289,7 @@ def test_small_demo_runs_every_stage_and_lowers_domain_perplexity(tmp_path):
     assert (workdir / "report.png").stat().st_size > 10_000
     assert "| domain (stdlib code)" in (workdir / "REPORT.md").read_text()
     assert state["after_bpb"]["domain"] < state["before_bpb"]["domain"]
-    assert "| held-out set | bpb before |" in (workdir / "REPORT.md").read_text()
+    assert "Bits per byte (comparable across tokenizers):" in (workdir / "REPORT.md").read_text()
 
 
 def test_sigterm_stops_the_running_stage(tmp_path):
