@@ -231,7 +231,7 @@ def build(cfg: RunConfig, world: distributed.Dist, resume: bool = False) -> Part
         total_tokens=total_steps * tokens_per_step(cfg, world.world_size),
     )
     eval_sets = {
-        name: eval_sequences(path, tokenizer, cfg.data.seq_len, cfg.eval.max_sequences)
+        name: eval_sequences(path, tokenizer, cfg.data.seq_len, cfg.eval.max_sequences, cfg.data.add_bos)
         for name, path in cfg.eval.sets.items()
     }
     checkpointer = ckpt.Checkpointer(out, world, model, optimizer, scheduler, tokenizer, cfg.checkpoint)
@@ -262,7 +262,7 @@ def ewc_setup(cfg: RunConfig, objective, tokenizer, autocast, world, eval_sequen
     names = [s.name for s in cfg.data.sources]
     source = ewc_cfg.source or next((n for n in names if n != cfg.domain_source), "general")
     folder = {s.name: s.path for s in cfg.data.sources}.get(source) or cfg.eval.sets[source]
-    sequences = eval_sequences(folder, tokenizer, cfg.data.seq_len, ewc_cfg.fisher_samples)
+    sequences = eval_sequences(folder, tokenizer, cfg.data.seq_len, ewc_cfg.fisher_samples, cfg.data.add_bos)
     if cfg.train.fsdp:
         # Every rank runs every sequence through the sharded objective: the reduce-scatter then hands each rank
         # its shard of that one sequence's gradient, squared locally; splitting sequences would square a mean.

@@ -62,7 +62,7 @@ def is_oom(err: BaseException) -> bool:
 
 def train(cfg: RunConfig, resume: bool = False) -> TrainerState:
     """Run (or resume) a CPT run described by `cfg`; returns the final counters."""
-    world = distributed.setup(cfg.train.device)
+    world = distributed.setup(cfg.train.device, cfg.train.dist_timeout_s)
     try:
         return _train(cfg, resume, world)
     finally:
@@ -86,7 +86,7 @@ def _train(cfg: RunConfig, resume: bool, world: distributed.Dist) -> TrainerStat
     log = RunLog(out, main, state.metrics_bytes, state.step if parts.start is not None else None)
     trace = JsonlFile(out / TRACE, main and cfg.data.trace, state.trace_bytes)
     run = Run(parts, log, trace)
-    eval_world = distributed.Dist() if cfg.train.fsdp else world  # FSDP: every rank runs every eval batch
+    eval_world = world  # each rank evaluates its share of the sequences; the sums are all-reduced
 
     if state.step == 0:
         run.evaluate_and_log({"step": 0}, eval_sets, eval_world)
