@@ -203,7 +203,7 @@ def build(cfg: RunConfig, world: distributed.Dist, resume: bool = False) -> Part
     if cfg.train.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     objective = CausalLMObjective(model, reference, cfg.train.loss_chunk_size)
-    module = distributed.wrap(objective, world, fsdp, weights.mixed_precision(mixed) if fsdp else None)
+    module = distributed.wrap(objective, world, fsdp, mp_policy=weights.mixed_precision(mixed) if fsdp else None)
     if fsdp:  # sharded on meta above; now each rank allocates and reads only its own shards
         sources = {"model": cfg.model}
         if reference is not None:

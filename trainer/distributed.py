@@ -64,7 +64,7 @@ def teardown() -> None:
         dist.destroy_process_group()
 
 
-def wrap(module: nn.Module, world: Dist, fsdp: bool, mp_policy=None, layer_classes: list[str] | None = None):
+def wrap(module: nn.Module, world: Dist, fsdp: bool, layer_classes: list[str] | None = None, mp_policy=None):
     """DDP around `module`, or FSDP2 `fully_shard` on each decoder layer and then on `module` (the root).
 
     The layers are found by class name from the HF models' `_no_split_modules` (e.g. LlamaDecoderLayer),

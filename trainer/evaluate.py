@@ -38,7 +38,7 @@ def set_sums(objective, sequences: dict, micro_batch_size: int, autocast=context
     labels = input_ids if labels is None else labels
     sizes = sequences.get("bytes")
     count = input_ids.shape[0]
-    mine = torch.arange(world.rank, count, world.world_size)
+    mine = torch.arange(world.rank, max(count, world.rank), world.world_size)  # empty when rank >= count
     rounds = math.ceil(math.ceil(count / world.world_size) / micro_batch_size)
     totals = torch.zeros(3, dtype=torch.float64, device=device)
     for round_ in range(rounds):
