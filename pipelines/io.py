@@ -8,6 +8,7 @@ All file access goes through Beam's FileSystems, so gs:// and s3:// inputs read 
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import json
 import posixpath
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 
 import apache_beam as beam
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
@@ -156,11 +158,24 @@ def new_document(doc_id: str, text: str, source: str, fmt: str, offset: int) -> 
 
 
 def dead_letter(doc_id: str, source: str, offset: int, raw: bytes | str, error: str, limit: int) -> dict:
-    """A dead-letter record: the raw input (truncated here, PII-masked when written), where it was, and why."""
+    """A dead-letter record: the raw input (truncated here, PII-masked when written), where it was, and why.
+
+    `raw` may be a callable that builds it: table readers pass one, so a row's preview is built only for
+    the rare row that dead-letters.
+    """
+    if callable(raw):
+        raw = raw()
     if isinstance(raw, bytes):
         raw = raw[: limit * 2].decode("utf-8", errors="backslashreplace")
     raw = raw[: limit * 2]
     return {"status": "dead", "id": doc_id, "source": source, "offset": offset, "raw": raw, "error": error}
+
+
+# Uncompressed JSONL over this size is read as byte ranges of this size, in parallel (Beam's textio splits
+# at about the same granularity); gzip, Parquet, Arrow and one-document files are read whole.
+SPLIT_BYTES = 64 << 20
+# Rows per Arrow/Parquet batch decoded into Python at once: a bound on a reader's memory, not a tuning knob.
+TABLE_BATCH_ROWS = 256
 
 
 @dataclass(frozen=True)
@@ -169,6 +184,23 @@ class ReaderConfig:
     id_field: str | None
     max_bytes: int
     dead_letter_max_bytes: int
+    split_bytes: int = SPLIT_BYTES
+    """Uncompressed JSONL files larger than this are read as byte ranges of this size by several workers."""
+
+
+@dataclass(frozen=True)
+class ReadRange:
+    """The part of a file one worker reads: bytes [start, end) of a JSONL file, or a whole file (0, size).
+
+    A line belongs to the range its first byte falls in, as in Beam's textio. `first_line` is the number of
+    lines that start before `start` (from a counting pass), so derived ids `rel:lineno` do not depend on
+    how the file was split.
+    """
+
+    file: InputFile
+    start: int
+    end: int
+    first_line: int = 0
 
 
 def _lone_surrogate(value: str) -> str | None:
@@ -198,19 +230,23 @@ def _record_from_fields(fields: dict, rel: str, fmt: str, offset: int, index: in
     if not isinstance(text, str):
         error = f"text field {cfg.text_field!r} is {type(text).__name__}, expected a string"
         return dead_letter(doc_id, rel, offset, raw, error, limit)
-    if (where := _lone_surrogate(text)) is not None:
-        error = f"text field {cfg.text_field!r} is not valid UTF-8 ({where})"
+    try:
+        size = len(text.encode("utf-8"))  # one encode checks both UTF-8 validity and the size guard
+    except UnicodeEncodeError as err:
+        error = f"text field {cfg.text_field!r} is not valid UTF-8 (lone surrogate at character {err.start})"
         return dead_letter(doc_id, rel, offset, raw, error, limit)
-    if len(text.encode("utf-8")) > cfg.max_bytes:
+    if size > cfg.max_bytes:
         error = f"text over the size guard ({cfg.max_bytes} bytes)"
         return dead_letter(doc_id, rel, offset, text[:limit], error, limit)
     return new_document(doc_id, text, rel, fmt, offset)
 
 
-def _guarded_lines(f, max_bytes: int) -> Iterator[tuple[int, int, bytes, int]]:
-    """(line number, byte offset, line or its head, full length); never holds more than max_bytes of a line."""
-    lineno, offset = 0, 0
-    while True:
+def _guarded_lines(f, max_bytes: int, lineno: int = 0, offset: int = 0, end: int | None = None):
+    """(line number, byte offset, line or its head, full length) of the lines that start before `end`.
+
+    Never holds more than max_bytes of a line. `lineno` and `offset` are those of the line before the first.
+    """
+    while end is None or offset < end:
         line = f.readline(max_bytes + 1)
         if not line:
             return
@@ -226,6 +262,16 @@ def _guarded_lines(f, max_bytes: int) -> Iterator[tuple[int, int, bytes, int]]:
         offset += length
 
 
+def _skip_line_end(f) -> int:
+    """Read to just past the next newline (or the end) in bounded chunks; returns the bytes skipped."""
+    skipped = 0
+    while chunk := f.readline(1 << 20):
+        skipped += len(chunk)
+        if chunk.endswith(b"\n"):
+            break
+    return skipped
+
+
 def _until_unreadable(items: Iterator, errors: list) -> Iterator:
     """`items` until reading them fails: the error goes into `errors`, so only the reading is guarded."""
     try:
@@ -239,18 +285,77 @@ def _read_error(err: BaseException) -> str:
     return f"{type(err).__name__}: {str(err)[:200]}"
 
 
-def read_jsonl(file: InputFile, cfg: ReaderConfig) -> Iterator[dict]:
+def is_splittable(file: InputFile) -> bool:
+    return file.format == "jsonl" and not file.path.lower().endswith(".gz")
+
+
+def split_ranges(file: InputFile, split_bytes: int) -> list[ReadRange]:
+    """The ranges a file is read in: byte ranges of `split_bytes` for large uncompressed JSONL, else the whole file."""
+    if not is_splittable(file) or file.size <= split_bytes:
+        return [ReadRange(file, 0, file.size)]
+    return [ReadRange(file, s, min(s + split_bytes, file.size)) for s in range(0, file.size, split_bytes)]
+
+
+def lines_starting_in(rng: ReadRange) -> int:
+    """How many lines start in bytes [start, end): 1 for byte 0, plus the newlines in [start - 1, end - 1).
+
+    Only the ranges that have a successor need it (for its `first_line`). Counting newlines in bytes runs
+    at disk speed, so the extra pass costs little next to parsing.
+    """
+    if rng.end >= rng.file.size:
+        return 0
+    begin = max(rng.start - 1, 0)
+    count = 1 if rng.start == 0 else 0
+    try:
+        with FileSystems.open(rng.file.path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+            f.seek(begin)
+            remaining = rng.end - 1 - begin
+            while remaining > 0 and (chunk := f.read(min(remaining, 1 << 22))):
+                count += chunk.count(b"\n")
+                remaining -= len(chunk)
+    except READ_ERRORS:
+        # The reading pass meets the same error and dead-letters it; ids after it may then shift.
+        return count
+    return count
+
+
+def number_ranges(item) -> Iterator[ReadRange]:
+    """(path, [(range, lines starting in it)]) -> each range with the number of lines before it."""
+    _, counted = item
+    before = 0
+    for rng, count in sorted(counted, key=lambda rc: rc[0].start):
+        yield dataclasses.replace(rng, first_line=before)
+        before += count
+
+
+def _range_lines(raw_file, f, rng: ReadRange, max_bytes: int):
+    """The guarded lines of one range: past the line that straddles `start`, up to the last line starting before
+    `end` (the whole stream for a gzip file or the last range)."""
+    offset = rng.start
+    if rng.start > 0:
+        raw_file.seek(rng.start - 1)
+        offset = rng.start - 1 + _skip_line_end(raw_file)
+    end = rng.end if rng.end < rng.file.size else None
+    yield from _guarded_lines(f, max_bytes, rng.first_line, offset, end)
+
+
+def read_jsonl(rng: ReadRange | InputFile, cfg: ReaderConfig) -> Iterator[dict]:
+    """One JSON object per line -> documents or dead letters, for one range of a file (or the whole file)."""
+    if isinstance(rng, InputFile):
+        rng = ReadRange(rng, 0, rng.size)
+    file = rng.file
     limit = cfg.dead_letter_max_bytes
-    lineno, offset = 0, 0
+    lineno, offset = rng.first_line, rng.start
     errors: list[BaseException] = []
     try:
         raw_file = FileSystems.open(file.path, compression_type=CompressionTypes.UNCOMPRESSED)
     except READ_ERRORS as err:
-        yield dead_letter(f"{file.rel}:after-line-0", file.rel, 0, b"", f"unreadable file: {_read_error(err)}", limit)
+        where = f"{file.rel}:after-line-{lineno}"
+        yield dead_letter(where, file.rel, offset, b"", f"unreadable file: {_read_error(err)}", limit)
         return
     f = gzip.GzipFile(fileobj=raw_file) if file.path.endswith(".gz") else raw_file
     try:
-        for lineno, offset, line, length in _until_unreadable(_guarded_lines(f, cfg.max_bytes), errors):
+        for lineno, offset, line, length in _until_unreadable(_range_lines(raw_file, f, rng, cfg.max_bytes), errors):
             if not line.strip():
                 continue
             derived = f"{file.rel}:{lineno}"
@@ -282,35 +387,79 @@ def read_jsonl(file: InputFile, cfg: ReaderConfig) -> Iterator[dict]:
         yield dead_letter(where, file.rel, offset, b"", error, limit)
 
 
+def _slices(batch: pa.RecordBatch) -> Iterator[pa.RecordBatch]:
+    # Zero-copy views: only TABLE_BATCH_ROWS rows are ever decoded into Python objects at once.
+    for start in range(0, batch.num_rows, TABLE_BATCH_ROWS):
+        yield batch.slice(start, TABLE_BATCH_ROWS)
+
+
 def _table_batches(file: InputFile) -> Iterator[pa.RecordBatch]:
+    """Record batches of at most TABLE_BATCH_ROWS rows, streamed from the file (never the whole file in memory)."""
     with FileSystems.open(file.path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
         if file.format == "parquet":
-            yield from pq.ParquetFile(f).iter_batches(batch_size=1000)
+            yield from pq.ParquetFile(f).iter_batches(batch_size=TABLE_BATCH_ROWS)
             return
-        data = pa.py_buffer(f.read())
-    try:
-        reader = pa.ipc.open_stream(data)
-    except pa.ArrowInvalid:
-        # datasets writes IPC streams; plain pyarrow users often write the IPC file format.
-        reader = pa.ipc.open_file(data)
-        yield from (reader.get_batch(i) for i in range(reader.num_record_batches))
-        return
-    yield from reader
+        # datasets writes IPC streams; plain pyarrow users often write the IPC file format (magic "ARROW1").
+        magic = f.read(6)
+        f.seek(0)
+        if magic == b"ARROW1":
+            reader = pa.ipc.open_file(f)
+            for i in range(reader.num_record_batches):
+                yield from _slices(reader.get_batch(i))
+            return
+        for batch in pa.ipc.open_stream(f):
+            yield from _slices(batch)
+
+
+TEXT_TYPES = (pa.types.is_string, pa.types.is_large_string, pa.types.is_binary, pa.types.is_large_binary)
+
+
+def _oversized_rows(batch: pa.RecordBatch, cfg: ReaderConfig) -> dict[int, int]:
+    """Row -> byte length of its text, for rows over the size guard, read from the column's offsets (no decoding)."""
+    index = batch.schema.get_field_index(cfg.text_field)
+    if index < 0 or not any(is_type(batch.schema.field(index).type) for is_type in TEXT_TYPES):
+        return {}
+    lengths = pc.binary_length(batch.column(index))
+    over = pc.greater(lengths, cfg.max_bytes)
+    if not pc.any(over).as_py():
+        return {}
+    rows = pc.indices_nonzero(pc.fill_null(over, False)).to_pylist()
+    return {row: lengths[row].as_py() for row in rows}
+
+
+def _oversized_letter(batch: pa.RecordBatch, row: int, size: int, file: InputFile, index: int, cfg: ReaderConfig):
+    """A dead letter for a row whose text is over the guard: only its id and a bounded head are decoded."""
+    limit = cfg.dead_letter_max_bytes
+    doc_id = f"{file.rel}:{index}"
+    if cfg.id_field and batch.schema.get_field_index(cfg.id_field) >= 0:
+        given = batch.column(batch.schema.get_field_index(cfg.id_field))[row].as_py()
+        if given is not None and _lone_surrogate(str(given)) is None:
+            doc_id = str(given)
+    text = batch.column(batch.schema.get_field_index(cfg.text_field))[row]
+    head = text.as_buffer()[: limit * 2].to_pybytes()
+    error = f"text of {size} bytes over the size guard ({cfg.max_bytes} bytes)"
+    return dead_letter(doc_id, file.rel, index, head, error, limit)
 
 
 def read_table(file: InputFile, cfg: ReaderConfig) -> Iterator[dict]:
-    """Parquet files and Arrow shards (an HF dataset folder): one record per row."""
+    """Parquet files and Arrow shards (an HF dataset folder): one record per row, in bounded batches."""
     row = 0
     errors: list[BaseException] = []
     for batch in _until_unreadable(_table_batches(file), errors):
+        oversized = _oversized_rows(batch, cfg)
         try:
-            rows = batch.to_pylist()
+            small = batch.filter(pa.array([i not in oversized for i in range(batch.num_rows)])) if oversized else batch
+            rows = iter(small.to_pylist())
         except READ_ERRORS as err:
             errors.append(err)
             break
-        for fields in rows:
-            preview = json.dumps(fields, default=str)[: cfg.dead_letter_max_bytes]
-            yield _record_from_fields(fields, file.rel, file.format, row, row, cfg, preview)
+        for i in range(batch.num_rows):
+            if i in oversized:
+                yield _oversized_letter(batch, i, oversized[i], file, row, cfg)
+            else:
+                fields = next(rows)
+                preview = lambda fields=fields: json.dumps(fields, default=str)[: cfg.dead_letter_max_bytes]  # noqa: E731
+                yield _record_from_fields(fields, file.rel, file.format, row, row, cfg, preview)
             row += 1
     if errors:
         error = f"unreadable table after row {row}: {_read_error(errors[0])}"
@@ -341,16 +490,17 @@ def read_whole_file(file: InputFile, cfg: ReaderConfig) -> Iterator[dict]:
     yield new_document(file.rel, text, file.rel, file.format, 0)
 
 
-class ReadFileDoFn(beam.DoFn):
-    """InputFile -> its records (documents or dead letters)."""
+class ReadRangeDoFn(beam.DoFn):
+    """ReadRange -> its records (documents or dead letters)."""
 
     def __init__(self, cfg: ReaderConfig):
         self.cfg = cfg
         self.counters = {status: Metrics.counter("read", status) for status in ("ok", "dead")}
 
-    def process(self, file: InputFile):
+    def process(self, rng: ReadRange):
+        file = rng.file
         if file.format == "jsonl":
-            records = read_jsonl(file, self.cfg)
+            records = read_jsonl(rng, self.cfg)
         elif file.format in ("parquet", "arrow"):
             records = read_table(file, self.cfg)
         else:
@@ -361,7 +511,13 @@ class ReadFileDoFn(beam.DoFn):
 
 
 class ReadInputs(beam.PTransform):
-    """The resolved input files -> records. Files are listed by the launcher, so user errors come before work."""
+    """The resolved input files -> records, spread over all workers.
+
+    Files are listed by the launcher, so user errors come before work. Large uncompressed JSONL is cut into
+    byte ranges read in parallel; a counting pass gives each range the number of lines before it, so ids are
+    the same however the file was cut. The records are reshuffled after reading: without it every step after
+    the read stays fused with it, and one large file would be one worker's job on every runner.
+    """
 
     def __init__(self, files: list[InputFile], cfg: ReaderConfig):
         super().__init__()
@@ -372,7 +528,12 @@ class ReadInputs(beam.PTransform):
         return (
             pbegin
             | "ListFiles" >> beam.Create(self.files)
-            # Spread files over workers before the (possibly slow) parsing starts.
-            | "Reshuffle" >> beam.Reshuffle()
-            | "ReadFiles" >> beam.ParDo(ReadFileDoFn(self.cfg))
+            | "Split" >> beam.FlatMap(split_ranges, self.cfg.split_bytes)
+            | "SpreadRanges" >> beam.Reshuffle()
+            | "CountLines" >> beam.Map(lambda rng: (rng.file.path, (rng, lines_starting_in(rng))))
+            | "ByFile" >> beam.GroupByKey()
+            | "Number" >> beam.FlatMap(number_ranges)
+            | "SpreadNumbered" >> beam.Reshuffle()
+            | "ReadRanges" >> beam.ParDo(ReadRangeDoFn(self.cfg))
+            | "SpreadRecords" >> beam.Reshuffle()
         )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 
 from resiliparse.extract.html2text import extract_plain_text
-from resiliparse.parse.html import HTMLTree
+from resiliparse.parse.html import DOMNode, HTMLTree, NodeType
 
 #: Elements whose content is never training text: page chrome, scripts, forms, and the raw-text
 #: containers (xmp, plaintext, iframe, noembed, noframes, textarea, title, svg, math) whose "text" is literal
@@ -49,6 +49,9 @@ _CONTROLS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 # and would turn into a `<b>` tag in the output if the NUL were only dropped afterwards.
 _CONTROLS_IN_MARKUP = re.compile(r"[\x00-\x08\x0b\x0e-\x1f\x7f]")
 _BLANK_LINES = re.compile(r"\n{3,}")
+# Subtrees whose `<code>` is never a block of its own (inside pre or p), or that hold no text.
+_CODE_OUTSIDE_PRE_AND_P = "code:not(pre *):not(p *)"
+_CODE_WALK_PRUNED = frozenset({"pre", "p", "script", "style", "template", "svg", "math"})
 
 
 def _strip_crowded_tags(html: str) -> str:
@@ -56,18 +59,42 @@ def _strip_crowded_tags(html: str) -> str:
     return _CROWDED_TAG.sub(r"<\1 ", html)
 
 
+def _block_code_elements(body: DOMNode) -> list[DOMNode]:
+    """The multi-line `<code>` elements of `body` that are neither inside `<pre>` nor inside `<p>`.
+
+    One depth-first walk that does not descend into `pre`, `p` or `code` (own walk: iterating a resiliparse
+    query result costs time proportional to its length per item, quadratic on pages with thousands of
+    inline `<code>`).
+    """
+    found = []
+    stack = [body]
+    while stack:
+        child = stack.pop().first_child
+        while child is not None:
+            if child.type == NodeType.ELEMENT:
+                tag = child.tag
+                if tag == "code":
+                    if "\n" in child.text:
+                        found.append(child)
+                elif tag not in _CODE_WALK_PRUNED:
+                    stack.append(child)
+            child = child.next
+    return found
+
+
 def _mark_code_blocks(tree: HTMLTree) -> None:
     """Wrap multi-line `<code>` that stands as a block (not in `<pre>`, not inside a paragraph) in `<pre>`.
 
     Many sites style `<code>` as a block with CSS instead of using `<pre>`; the extractor would otherwise
-    collapse its line breaks and indentation.
+    collapse its line breaks and indentation. A `<code>` nested in a block `<code>` ends up inside the new
+    `<pre>`, so only the outermost one is wrapped.
     """
     body = tree.body
-    if body is None:
+    # Counting the matches of a selector is cheap in lexbor (only reading them is not): most pages have no
+    # `<code>` outside `pre`/`p`, and skip the walk.
+    if body is None or not len(body.query_selector_all(_CODE_OUTSIDE_PRE_AND_P)):
         return
-    for code in body.query_selector_all("code"):
-        if "\n" not in code.text or code.closest("pre, p") is not None:
-            continue
+    for code in _block_code_elements(body):
         pre = tree.create_element("pre")
         code.parent.replace_child(pre, code)
         pre.append_child(code)

@@ -1,95 +1,365 @@
-"""`cpt prepare` throughput per preset on real local files: DirectRunner with 1 worker vs 2 worker processes.
+"""`cpt prepare` at corpus scale: per-step profile of every preset, cpt side by side with datatrove, 1 vs 2 workers.
 
-Corpora: web = pydoc HTML pages of stdlib modules; text = the pydoc_data help topics as JSONL;
-code = stdlib `.py` files. Figures are docs/s and MB/s of input, and the 2-vs-1 worker ratio
-measured in the same run. At this size pipeline start-up weighs a lot (2 worker processes start
-their own SDK harnesses), so each mode's start-up, the same pipeline on one document, is printed too.
+`python -m tests.bench prepare` (`make bench ARGS=prepare`). All figures come from one run on one machine:
+
+1. Per-step CPU seconds of each preset's text functions on documentation pages, crawl-like pages (menus of
+   many links, inline scripts), plain text and Python files: where the time goes.
+2. On ONE JSONL file of real documentation HTML pages (the system's HTML docs, e.g. Node.js's API pages with
+   thousands of inline <code>, IDLE's Sphinx help, then pydoc pages): a bare Python loop of the web preset's
+   text functions, `cpt prepare --preset web` (language on, perplexity off) with 1 and 2 workers, and
+   datatrove (Trafilatura + PII + length, one worker; the `bench` extra installs it). Each contender runs
+   in its own process; wall seconds, CPU seconds (the process and its children) and MB/s of input, and the
+   ratios. datatrove has no language step here: its LanguageFilter downloads a fastText model at run time.
+3. CPT_BENCH_MEMORY=0.5,2 (GB): a single-file corpus of that size built from real local text (pydoc topics
+   and module docs, each copy edited), through `--preset text --workers 2`: peak RSS of the launcher and
+   of each worker process. Needs about 2.5x the largest size free under the temp folder; deleted after.
+CPT_BENCH_DOCS_MB sets the size of the documentation file (default 25), CPT_BENCH_DASK=1 adds a local Dask
+cluster of 2 workers to part 2.
 """
 
 from __future__ import annotations
 
+import contextlib
+import glob
+import io
 import json
 import os
-import shutil
+import subprocess
+import sys
 import sysconfig
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 from cpt.pipelines.config import resolve_config
-from cpt.pipelines.run import prepare
 from cpt.shared.corpus import pydoc_page, stdlib_module_names
 
-ONE = ["--direct_num_workers", "1"]
-TWO = ["--direct_num_workers", "2", "--direct_running_mode", "multi_processing"]
+STDLIB = Path(sysconfig.get_paths()["stdlib"])
+# A page over this is skipped when the corpus is built: e.g. Node.js's all.html repeats every other page.
+MAX_PAGE_BYTES = 2_000_000
+
+# ---- corpora, all from text this machine has ---------------------------------------------------------------
 
 
-def build_corpora(base: Path, pages: int = 30, code_files: int = 60) -> dict[str, str]:
-    """Write the three corpora; returns preset -> input pattern."""
+def doc_html_pages() -> list[tuple[str, str]]:
+    """(name, HTML) of real documentation pages: the system's HTML docs and IDLE's Sphinx help, then pydoc pages."""
+    roots = ["/usr/share/doc", os.path.join(sys.prefix, "share", "doc")]
+    paths = sorted({p for root in roots for p in glob.glob(os.path.join(root, "**", "*.html"), recursive=True)})
+    paths.append(str(STDLIB / "idlelib" / "help.html"))
+    pages, seen = [], set()
+    for path in paths:
+        if os.path.isfile(path) and os.path.getsize(path) <= MAX_PAGE_BYTES:
+            html = Path(path).read_text(encoding="utf-8", errors="replace")
+            if html not in seen:  # packages install the same page under several names
+                seen.add(html)
+                pages.append((path, html))
+    return pages
+
+
+def pydoc_pages() -> list[tuple[str, str]]:
+    return [(f"pydoc/{name}", page) for name in stdlib_module_names() if (page := pydoc_page(name))]
+
+
+def write_docs_jsonl(path: Path, target_bytes: int) -> tuple[int, int]:
+    """One JSONL file of documentation pages, about `target_bytes` of HTML; returns (pages, bytes of file)."""
+    pages = 0
+    with path.open("w", encoding="utf-8") as f:
+        written = 0
+        for source in (doc_html_pages, pydoc_pages):
+            for name, html in source():
+                if written >= target_bytes:
+                    break
+                f.write(json.dumps({"id": name, "text": html}) + "\n")
+                written += len(html.encode())
+                pages += 1
+    return pages, path.stat().st_size
+
+
+def plain_texts() -> list[str]:
+    """Real English prose: the help topics and the plain-text pydoc of stdlib modules."""
+    import pydoc
     from pydoc_data.topics import topics
 
-    html = base / "web"
-    html.mkdir()
-    written = 0
-    for name in stdlib_module_names():
-        page = pydoc_page(name)
-        if page:
-            (html / f"{name}.html").write_text(page, encoding="utf-8")
-            written += 1
-        if written >= pages:
-            break
-    text = base / "text"
-    text.mkdir()
-    lines = [json.dumps({"id": f"topic/{k}", "text": v}) for k, v in sorted(topics.items())]
-    (text / "topics.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    code = base / "code"
-    code.mkdir()
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    for path in sorted(stdlib.glob("*.py"))[:code_files]:
-        shutil.copyfile(path, code / path.name)
-    one = base / "one"
-    one.mkdir()
-    (one / "one.jsonl").write_text(lines[0] + "\n", encoding="utf-8")
-    return {
-        "startup": str(one / "*.jsonl"),
-        "web": str(html / "*.html"),
-        "text": str(text / "*.jsonl"),
-        "code": str(code / "*.py"),
+    texts = [text for _, text in sorted(topics.items())]
+    for name in stdlib_module_names()[:80]:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            try:
+                module = __import__(name)
+                texts.append(pydoc.render_doc(module, renderer=pydoc.plaintext)[:50_000])
+            except Exception:  # noqa: BLE001  (platform-specific modules fail to import)
+                continue
+    return texts
+
+
+def crawl_like_pages(texts: list[str], n: int) -> list[str]:
+    """Pages shaped like a crawl: a menu of many links, inline scripts and a footer around real prose."""
+    names = stdlib_module_names()
+    pages = []
+    for i in range(n):
+        links = "".join(f'<li><a href="/{m}/{i}.html" class="nav">{m}</a></li>' for m in names[(i % 50) :][:150])
+        script = (
+            "<script>window.dataLayer=window.dataLayer||[];function gtag(){dataLayer.push(arguments)}"
+            f"gtag('js',new Date());gtag('config','UA-{i:06d}');var items={json.dumps(names[:40])};</script>"
+        )
+        body = "".join(f"<p>{para}</p>" for para in texts[i % len(texts)].split("\n\n")[:40])
+        pages.append(
+            f"<html><head><title>Page {i}</title>{script}</head><body><nav><ul>{links}</ul></nav>{script}"
+            f"<main><article><h1>Page {i}</h1>{body}</article></main><footer><ul>{links}</ul></footer></body></html>"
+        )
+    return pages
+
+
+def code_texts(n: int) -> list[str]:
+    return [p.read_text(encoding="utf-8") for p in sorted(STDLIB.glob("*.py"))[:n]]
+
+
+# ---- 1. per-step profile -----------------------------------------------------------------------------------
+
+
+def step_functions(preset: str, html: bool):
+    """(step, fn(text) -> (text, reject reason or None)) for a preset's text steps, with the preset's thresholds."""
+    from cpt.pipelines import text as t
+
+    cfg = resolve_config(preset, None, {"inputs": ["x"], "output": "x"})
+    f, c = cfg.filters, cfg.code
+
+    def length(s):
+        return s, t.check_length(s, min_chars=f.min_chars, max_chars=f.max_chars, min_words=f.min_words)
+
+    def language(s):
+        lang, prob = t.detect_language(s, max_chars=f.lang_max_chars)
+        return s, t.language_reason(lang, prob, langs=f.langs, min_prob=f.min_lang_prob)
+
+    def code(s):
+        limits = dict(min_chars=f.min_chars, max_chars=f.max_chars, max_line_length=c.max_line_length)
+        return s, t.check_code(s, max_comment_ratio=c.max_comment_ratio, **limits)
+
+    def dedup(s):
+        t.dedup_key(s)  # the per-document part of exact dedup; the grouping is the pipeline's
+        return s, None
+
+    steps = {
+        "html": lambda s: (t.html_to_text(s), None),
+        "pii": lambda s: (t.mask_pii(s, secrets=cfg.pii.secrets)[0], None),
+        "length": length,
+        "language": language,
+        "code": code,
+        "dedup": dedup,
+    }
+    return [(name, steps[name]) for name in cfg.active_steps() if name in steps and (html or name != "html")]
+
+
+def bare_loop(preset: str, docs: list[str], html: bool = True) -> dict[str, float]:
+    """CPU seconds per step of a plain Python loop over the preset's text functions (rejected docs stop early)."""
+    seconds = dict.fromkeys([name for name, _ in step_functions(preset, html)], 0.0)
+    functions = step_functions(preset, html)
+    for text in docs:
+        for name, fn in functions:
+            start = time.process_time()
+            text, rejected = fn(text)
+            seconds[name] += time.process_time() - start
+            if rejected:
+                break
+    return seconds
+
+
+def profile_presets(docs: list[str], crawl: list[str], plain: list[str], code: list[str]) -> None:
+    print("1. CPU seconds per step (bare loop of the text functions; rejected documents skip later steps)")
+    rows = [
+        ("web", "documentation pages", docs, True),
+        ("web", "crawl-like pages", crawl, True),
+        ("text", "plain text", plain, False),
+        ("code", "stdlib .py files", code, False),
+    ]
+    for preset, name, texts, html in rows:
+        seconds = bare_loop(preset, texts, html)
+        mb = sum(len(s.encode()) for s in texts) / 1e6
+        total = sum(seconds.values())
+        parts = "  ".join(f"{step} {s:.2f}" for step, s in seconds.items())
+        print(f"  {preset:<4} {name:<20} {len(texts):>5} docs {mb:>6.2f} MB  {mb / total:>5.2f} MB/cpu-s | {parts}")
+
+
+# ---- 2. one documentation file, side by side -------------------------------------------------------------------
+
+
+def run_cpt(path: str, out: str, workers: int, dask: bool = False) -> dict:
+    from cpt.pipelines.run import prepare
+
+    cfg = resolve_config("web", None, {"inputs": [path], "output": out, "records_are_html": True})
+    if not dask:
+        return prepare(cfg, [], quiet=True, workers=workers)["counts"]
+    from distributed import LocalCluster
+
+    with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        args = ["--runner", "apache_beam.runners.dask.dask_runner.DaskRunner"]
+        return prepare(cfg, [*args, "--dask_client_address", cluster.scheduler_address], quiet=True)["counts"]
+
+
+def run_datatrove(path: str, out: str) -> dict:
+    """Trafilatura + PII + the web preset's length bounds, one task, one worker, written as JSONL."""
+    from datatrove.executor import LocalPipelineExecutor
+    from datatrove.pipeline.extractors import Trafilatura
+    from datatrove.pipeline.filters import LambdaFilter
+    from datatrove.pipeline.formatters import PIIFormatter
+    from datatrove.pipeline.readers import JsonlReader
+    from datatrove.pipeline.writers import JsonlWriter
+
+    f = resolve_config("web", None, {"inputs": ["x"], "output": "x"}).filters
+    folder, name = os.path.split(path)
+    pipeline = [
+        JsonlReader(folder, glob_pattern=name),
+        # A generous timeout: the default 1 s drops the long pages unextracted, which would flatter it.
+        Trafilatura(favour_precision=True, timeout=120),
+        PIIFormatter(),
+        LambdaFilter(lambda doc: f.min_chars <= len(doc.text) <= f.max_chars and len(doc.text.split()) >= f.min_words),
+        JsonlWriter(out),
+    ]
+    LocalPipelineExecutor(pipeline=pipeline, tasks=1, workers=1, logging_dir=f"{out}-logs").run()
+    return {}
+
+
+def run_bare(path: str) -> dict:
+    with open(path, encoding="utf-8") as f:
+        docs = [json.loads(line)["text"] for line in f]
+    bare_loop("web", docs)
+    return {}
+
+
+def contender_main(name: str, path: str, out: str, workers: int) -> None:
+    """Run one contender in this process and print {wall, cpu, counts} as the last line."""
+    import apache_beam  # noqa: F401  (imports are not the contenders' work: paid before the clock starts)
+
+    import cpt.pipelines.run  # noqa: F401
+    import cpt.pipelines.text  # noqa: F401
+
+    if name == "datatrove":
+        import datatrove.pipeline.extractors  # noqa: F401
+    runs = {
+        "bare": lambda: run_bare(path),
+        "cpt": lambda: run_cpt(path, out, workers),
+        "cpt-dask": lambda: run_cpt(path, out, workers, dask=True),
+        "datatrove": lambda: run_datatrove(path, out),
+    }
+    before, start = os.times(), time.perf_counter()
+    counts = runs[name]()
+    wall, after = time.perf_counter() - start, os.times()
+    cpu = sum(getattr(after, k) - getattr(before, k) for k in ("user", "system", "children_user", "children_system"))
+    print(json.dumps({"wall": wall, "cpu": cpu, "counts": counts}))
+
+
+def contender(name: str, path: Path, out: Path, workers: int = 1) -> dict:
+    cmd = [sys.executable, "-m", "tests.bench.bench_prepare", name, str(path), str(out), str(workers)]
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2])
+    if done.returncode != 0:
+        raise RuntimeError(f"{name} failed: {done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def side_by_side(base: Path) -> None:
+    target = int(float(os.environ.get("CPT_BENCH_DOCS_MB", "25")) * 1e6)
+    path = base / "docs.jsonl"
+    pages, size = write_docs_jsonl(path, target)
+    mb = size / 1e6
+    print(f"2. one JSONL file of {pages} documentation pages ({mb:.1f} MB); each contender in its own process")
+    runs = [("bare loop (web text functions)", "bare", 1), ("datatrove (1 worker)", "datatrove", 1)]
+    runs += [("cpt --preset web --workers 1", "cpt", 1), ("cpt --preset web --workers 2", "cpt", 2)]
+    if os.environ.get("CPT_BENCH_DASK") == "1":
+        runs.append(("cpt on a local Dask cluster (2 workers)", "cpt-dask", 2))
+    results = {}
+    print(f"  {'':<40} {'wall s':>7} {'MB/s':>6} {'cpu s':>7} {'MB/cpu-s':>8}")
+    for label, name, workers in runs:
+        r = contender(name, path, base / f"out-{name}-{workers}", workers)
+        results[label] = r
+        print(
+            f"  {label:<40} {r['wall']:>7.1f} {mb / r['wall']:>6.2f} {r['cpu']:>7.1f} {mb / r['cpu']:>8.2f}",
+            flush=True,
+        )
+        if r["counts"]:
+            print(f"  {'':<40} counts {r['counts']}")
+    one, two = results["cpt --preset web --workers 1"], results["cpt --preset web --workers 2"]
+    dt, bare = results["datatrove (1 worker)"], results["bare loop (web text functions)"]
+    print(f"  cpt 1 worker vs datatrove: {dt['wall'] / one['wall']:.2f}x wall, {dt['cpu'] / one['cpu']:.2f}x cpu")
+    print(
+        f"  cpt 1 worker vs the bare loop: {bare['wall'] / one['wall']:.2f}x wall, {bare['cpu'] / one['cpu']:.2f}x cpu"
+    )
+    print(f"  cpt 2 workers vs 1 worker: {one['wall'] / two['wall']:.2f}x wall")
+
+
+# ---- 3. bounded memory -------------------------------------------------------------------------------------------
+
+
+def write_text_corpus(path: Path, target_bytes: int, texts: list[str]) -> int:
+    """Real prose repeated up to `target_bytes`, each copy edited (a revision line) so dedup keeps it."""
+    written, copy = 0, 0
+    with path.open("w", encoding="utf-8") as f:
+        while written < target_bytes:
+            for i, text in enumerate(texts):
+                line = json.dumps({"id": f"r{copy}/{i}", "text": f"Revision {copy} of this page.\n{text}"}) + "\n"
+                f.write(line)
+                written += len(line)
+                if written >= target_bytes:
+                    break
+            copy += 1
+    return written
+
+
+def peak_rss(cmd: list[str]) -> tuple[float, dict[str, float]]:
+    """Run `cmd`; (wall seconds, peak RSS in MB of the launcher and of each worker process), polled every 0.5 s."""
+    import psutil
+
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    launcher = psutil.Process(proc.pid)
+    peaks: dict[int, float] = {}
+    while proc.poll() is None:
+        with contextlib.suppress(psutil.Error):
+            for p in [launcher, *launcher.children(recursive=True)]:
+                with contextlib.suppress(psutil.Error):
+                    peaks[p.pid] = max(peaks.get(p.pid, 0.0), p.memory_info().rss / 1e6)
+        time.sleep(0.5)
+    if proc.returncode != 0:
+        raise RuntimeError(f"cpt prepare failed: {proc.stderr.read()[-3000:]}")
+    workers = sorted((rss for pid, rss in peaks.items() if pid != proc.pid), reverse=True)
+    return time.perf_counter() - start, {
+        "launcher": peaks.get(proc.pid, 0.0),
+        **{f"w{i}": r for i, r in enumerate(workers)},
     }
 
 
-def measure(preset: str, pattern: str, out: Path, beam_args: list[str]) -> tuple[int, float, float]:
-    cfg = resolve_config(preset, None, {"inputs": [pattern], "output": str(out)})
-    size = sum(p.stat().st_size for p in Path(pattern).parent.glob(Path(pattern).name))
-    start = time.perf_counter()
-    manifest = prepare(cfg, beam_args, quiet=True)
-    seconds = time.perf_counter() - start
-    return manifest["counts"]["input"], seconds, size / 1e6
+def bounded_memory(base: Path, sizes_gb: list[float]) -> None:
+    print("3. peak RSS, --preset text --workers 2 on one JSONL file (MB; w0.. are processes under the launcher)")
+    texts = plain_texts()
+    for gb in sizes_gb:
+        path = base / f"text-{gb}.jsonl"
+        size = write_text_corpus(path, int(gb * 1e9), texts)
+        out = base / f"out-mem-{gb}"
+        cmd = [str(Path(sys.executable).parent / "cpt"), "prepare", "--preset", "text", "--input", str(path)]
+        try:
+            wall, peaks = peak_rss([*cmd, "--output", str(out), "--workers", "2"])
+        finally:
+            path.unlink()
+        subprocess.run(["rm", "-rf", str(out)], check=True)
+        shown = "  ".join(f"{k} {v:.0f}" for k, v in peaks.items() if v > 50)
+        print(f"  {size / 1e9:.2f} GB: {wall:.0f} s ({size / 1e6 / wall:.2f} MB/s) | {shown}", flush=True)
 
 
 def main() -> None:
-    # CPT_BENCH_LARGE=1: ~7x the documents, where per-document work, not start-up, dominates.
-    large = os.environ.get("CPT_BENCH_LARGE") == "1"
     with tempfile.TemporaryDirectory(prefix="bench-prepare-") as tmp:
         base = Path(tmp)
-        corpora = build_corpora(base, pages=200, code_files=400) if large else build_corpora(base)
-        startup = corpora.pop("startup")
-        measure("text", startup, base / "out-warmup", ONE)  # first run pays the imports (langdetect, pyarrow, ...)
-        _, s1, _ = measure("text", startup, base / "out-startup-1", ONE)
-        _, s2, _ = measure("text", startup, base / "out-startup-2", TWO)
-        print(f"start-up (1 document): 1 worker {s1:.1f} s, 2 workers {s2:.1f} s")
-        columns = f"{'docs/s':>7} {'MB/s':>5}"
-        head = f"{'preset':<6} {'docs':>5} {'MB':>5}"
-        print(f"{head} | {'1 worker: s':>11} {columns} | {'2 workers: s':>12} {columns} | 2-vs-1")
-        for preset, pattern in corpora.items():
-            docs, t1, mb = measure(preset, pattern, base / f"out-{preset}-1", ONE)
-            _, t2, _ = measure(preset, pattern, base / f"out-{preset}-2", TWO)
-            print(
-                f"{preset:<6} {docs:>5} {mb:>5.2f} | {t1:>11.1f} {docs / t1:>7.1f} {mb / t1:>5.2f} | "
-                f"{t2:>12.1f} {docs / t2:>7.1f} {mb / t2:>5.2f} | {t1 / t2:.2f}x",
-                flush=True,
-            )
+        memory = os.environ.get("CPT_BENCH_MEMORY")
+        if memory:
+            bounded_memory(base, [float(x) for x in memory.split(",")])
+            return
+        docs = [html for _, html in doc_html_pages()] or [html for _, html in pydoc_pages()[:100]]
+        plain = plain_texts()
+        profile_presets(docs, crawl_like_pages(plain, 150), plain, code_texts(150))
+        side_by_side(base)
 
 
 if __name__ == "__main__":
-    main()
+    if len(sys.argv) == 5:  # a contender of part 2, run by contender() in its own process
+        contender_main(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]))
+    else:
+        main()

@@ -151,3 +151,14 @@ def test_tag_with_200000_attributes_parses_in_linear_time():
 
 def test_crowded_tag_guard_keeps_ordinary_attributes():
     assert html_to_text('<nav class="a" id="b" data-x=">">menu</nav><p>body</p>') == "body"
+
+
+@pytest.mark.timeout(60)
+def test_thousands_of_code_elements_are_marked_in_one_walk():
+    # Documentation pages have thousands of <code>: reading them back from a selector query is quadratic.
+    html = "<ul>" + "<li><code>a\nb</code> and <code>c</code></li>" * 5000 + "</ul>" + "<p><code>x</code></p>" * 5000
+
+    lines = html_to_text(html).split("\n")
+
+    assert lines[:4] == ["  \u2022 a", "b", "    and c", "  \u2022 a"]
+    assert lines.count("b") == 5000 and lines.count("x") == 5000
