@@ -97,7 +97,9 @@ class CausalLMPerplexityHandler(ModelHandler[dict, "float | ScoringFailure", Loa
         device: str = "cpu",
         faults: Faults | None = None,
     ):
-        super().__init__(min_batch_size=1, max_batch_size=batch_size * BATCHES_PER_CALL)
+        # At least one full forward per call where the stream allows (BatchElements flushes the rest at a
+        # bundle end): its adaptive sizing otherwise starts at 1 document, wasting most of each forward.
+        super().__init__(min_batch_size=batch_size, max_batch_size=batch_size * BATCHES_PER_CALL)
         self.model_dir = model_dir
         self.max_tokens = max_tokens
         self.batch_size = batch_size
