@@ -74,7 +74,9 @@ class PerplexityConfig:
     max_tokens: int = 256
     """Texts are truncated to this many tokens before scoring."""
     batch_size: int = 8
-    """Documents scored per forward pass."""
+    """Documents scored per forward pass (padded to a length bucket; scores do not depend on batch mates)."""
+    device: str = "cpu"
+    """Where the perplexity model runs on each worker: cpu, cuda or cuda:N (--ppl-device)."""
 
     def problems(self) -> list[str]:
         out = []
@@ -88,6 +90,8 @@ class PerplexityConfig:
             out.append(f"max_tokens: need at least 2 tokens to score, got {self.max_tokens}")
         if self.batch_size < 1:
             out.append(f"batch_size: must be >= 1, got {self.batch_size}")
+        if not (self.device == "cpu" or self.device == "cuda" or self.device.startswith("cuda:")):
+            out.append(f"device: cpu, cuda or cuda:N, got {self.device!r} (--ppl-device)")
         return out
 
     def requested(self) -> bool:

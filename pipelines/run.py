@@ -53,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     cut.add_argument("--ppl-keep-percentile", type=float, nargs=2, metavar=("LO", "HI"))
     p.add_argument("--ppl-max-tokens", type=int)
     p.add_argument("--ppl-batch-size", type=int)
+    p.add_argument("--ppl-device", help="cpu (default), cuda or cuda:N: where each worker runs the perplexity model")
     p.add_argument("--tokenizer", help="tokenizer folder: adds input_ids and n_tokens")
     p.add_argument("--num-shards", type=int)
     p.add_argument("--max-bytes", type=int, help="size guard per record (default 10 MB)")
@@ -87,6 +88,7 @@ def flags_to_dict(args: argparse.Namespace) -> dict:
         ("perplexity", "keep_percentile"): args.ppl_keep_percentile,
         ("perplexity", "max_tokens"): args.ppl_max_tokens,
         ("perplexity", "batch_size"): args.ppl_batch_size,
+        ("perplexity", "device"): args.ppl_device,
     }
     out: dict = {}
     for keys, value in flat.items():
@@ -110,6 +112,13 @@ def check_paths(cfg: PrepareConfig) -> None:
     for name, folder in (("--tokenizer", cfg.tokenizer), ("--ppl-model", cfg.perplexity.model)):
         if folder and not Path(folder).is_dir() and "://" not in folder:
             problems.append(f"{name} {folder}: no such folder (give a local Hugging Face model/tokenizer folder)")
+    if cfg.perplexity.model and "perplexity" in cfg.active_steps() and Path(cfg.perplexity.model).is_dir():
+        from cpt.pipelines.perplexity import check_model
+
+        # Load it once here: a model that cannot load would otherwise fail every worker mid-job.
+        problem = check_model(cfg.perplexity.model, "cpu")
+        if problem:
+            problems.append(f"--ppl-model: {problem}")
     if problems:
         raise ConfigError(problems, "cpt prepare")
 
@@ -142,7 +151,7 @@ def build_pipeline(p, cfg: PrepareConfig, files):
             from cpt.pipelines.perplexity import CausalLMPerplexityHandler
 
             ppl = cfg.perplexity
-            handler = CausalLMPerplexityHandler(ppl.model, ppl.max_tokens, ppl.batch_size)
+            handler = CausalLMPerplexityHandler(ppl.model, ppl.max_tokens, ppl.batch_size, ppl.device)
             docs = docs | "Perplexity" >> t.ScorePerplexity(handler, ppl.max_ppl, ppl.keep_percentile)
         elif step == "dedup":
             docs = docs | "Dedup" >> t.ExactDedup()
@@ -237,6 +246,7 @@ def summary_text(cfg: PrepareConfig, counts: dict, seconds: float, input_bytes: 
     ]
     lines += [f"    {reason}: {n}" for reason, n in counts["rejected"].items()]
     lines.append(f"  dead_letter: {counts['dead_letter']}")
+    lines += [f"    {step}: {n}" for step, n in counts.get("dead_letter_steps", {}).items()]
     tokens = [s["tokens"] for s in manifest["shards"] if s["tokens"] is not None]
     if tokens:
         lines.append(f"  tokens:      {sum(tokens)}")
@@ -256,7 +266,13 @@ def prepare(cfg: PrepareConfig, beam_args: list[str], quiet: bool = False, worke
     from apache_beam.io.filesystems import FileSystems
 
     from cpt.pipelines.io import expand_inputs
-    from cpt.pipelines.write import clean_output, counts_from_summary, finalize, read_run_summary
+    from cpt.pipelines.write import (
+        clean_output,
+        counts_from_summary,
+        dead_letters_by_step,
+        finalize,
+        read_run_summary,
+    )
 
     options = pipeline_options(beam_args)
     # Inputs are matched here, before beam.Pipeline exists: filesystems such as s3:// need the options first.
@@ -278,7 +294,8 @@ def prepare(cfg: PrepareConfig, beam_args: list[str], quiet: bool = False, worke
     manifest = {**base_manifest(cfg, files, notes), "counts": counts}
     manifest = finalize(cfg.output, manifest, summary, tokenized=cfg.tokenizer is not None)
     if not quiet:
-        print(summary_text(cfg, counts, seconds, sum(f.size for f in files), manifest, metric_lines(result)))
+        shown = {**counts, "dead_letter_steps": dead_letters_by_step(summary)}
+        print(summary_text(cfg, shown, seconds, sum(f.size for f in files), manifest, metric_lines(result)))
     return manifest
 
 

@@ -20,6 +20,7 @@ import math
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
+from cpt.pipelines.faults import NO_FAULTS, Faults
 from cpt.shared.dataset import pii_column
 
 KEPT, REJECTED, DEAD = "ok", "rejected", "dead"
@@ -29,16 +30,24 @@ def is_live(doc: dict) -> bool:
     return doc["status"] == KEPT
 
 
+def dead_letter(doc: dict, step_name: str, error: str) -> dict:
+    """A live document turned into a dead letter by `step_name` (the error names the step; `dead_step` counts it)."""
+    raw = doc.get("text") or ""
+    return {**doc, "status": DEAD, "raw": raw, "error": f"{step_name}: {error}", "dead_step": step_name}
+
+
 class FilterDoFn(beam.DoFn):
     """Run one step on live documents: keep, reject with a reason, or dead-letter on an exception.
 
     Records already rejected or dead-lettered pass through unchanged. A `Metrics.counter` is kept
-    per (step, outcome): "kept", each reject reason, and "dead_letter".
+    per (step, outcome): "kept", each reject reason, and "dead_letter". `faults` (CPT_INJECT_FAULTS by
+    default, see cpt.pipelines.faults) makes chosen documents fail here, to test this very guard.
     """
 
-    def __init__(self, step_name: str, step):
+    def __init__(self, step_name: str, step, faults: Faults | None = None):
         self.step_name = step_name
         self.step = step
+        self.faults = Faults.from_env() if faults is None else faults
         self._counters = {}
 
     def setup(self):
@@ -55,12 +64,13 @@ class FilterDoFn(beam.DoFn):
             yield doc
             return
         try:
+            self.faults.check(self.step_name, doc["id"])
             reason = self.step(doc, *side_inputs)
         # A step's library may raise anything on hostile input; that record becomes a dead letter,
         # the job goes on. (Not a bare except: KeyboardInterrupt / SystemExit still stop the run.)
         except Exception as err:  # noqa: BLE001
             self._count("dead_letter")
-            yield {**doc, "status": DEAD, "raw": doc.get("text") or "", "error": f"{self.step_name}: {err!r}"}
+            yield dead_letter(doc, self.step_name, repr(err))
             return
         if reason is None:
             self._count("kept")
@@ -73,14 +83,15 @@ class FilterDoFn(beam.DoFn):
 class ApplyStep(beam.PTransform):
     """One pipeline stage as a composite: `'Language' >> ApplyStep('language', LanguageStep(...))`."""
 
-    def __init__(self, step_name: str, step, *side_inputs):
+    def __init__(self, step_name: str, step, *side_inputs, faults: Faults | None = None):
         super().__init__()
         self.step_name = step_name
         self.step = step
         self.side_inputs = side_inputs
+        self.faults = faults
 
     def expand(self, docs):
-        return docs | "Filter" >> beam.ParDo(FilterDoFn(self.step_name, self.step), *self.side_inputs)
+        return docs | "Filter" >> beam.ParDo(FilterDoFn(self.step_name, self.step, self.faults), *self.side_inputs)
 
 
 # ---- steps: thin adapters from the document dict to the pure text functions ----
@@ -229,11 +240,9 @@ class ScorePerplexity(beam.PTransform):
     def expand(self, docs):
         live = docs | "Live" >> beam.Filter(is_live)
         decided = docs | "Decided" >> beam.Filter(lambda doc: not is_live(doc))
-        scored = (
-            live
-            | "RunInference" >> _run_inference(self.handler)
-            | "AttachPpl" >> beam.Map(lambda result: {**result.example, "ppl": result.inference})
-        )
+        attached = live | "RunInference" >> _run_inference(self.handler) | "AttachPpl" >> beam.Map(attach_score)
+        scored = attached | "Scored" >> beam.Filter(is_live)
+        failed = attached | "Failed" >> beam.Filter(lambda doc: not is_live(doc))
         side = ()
         if self.keep_percentile is not None:
             lo, hi = self.keep_percentile
@@ -244,8 +253,22 @@ class ScorePerplexity(beam.PTransform):
                 | "Band" >> beam.Map(percentile_band, lo, hi)
             )
             side = (beam.pvalue.AsSingleton(band),)
-        cut = scored | "Cut" >> ApplyStep("perplexity", PerplexityCut(self.max_ppl), *side)
-        return (cut, decided) | "Merge" >> beam.Flatten()
+        # The cut only compares numbers; faults for this step are injected in the handler, where scoring runs.
+        cut = scored | "Cut" >> ApplyStep("perplexity", PerplexityCut(self.max_ppl), *side, faults=NO_FAULTS)
+        return (cut, failed, decided) | "Merge" >> beam.Flatten()
+
+
+_PPL_DEAD = Metrics.counter("perplexity", "dead_letter")
+
+
+def attach_score(result) -> dict:
+    """A RunInference result -> the document with its `ppl`, or a dead letter if it could not be scored."""
+    from cpt.pipelines.perplexity import ScoringFailure
+
+    if isinstance(result.inference, ScoringFailure):
+        _PPL_DEAD.inc()
+        return dead_letter(result.example, "perplexity", result.inference.error)
+    return {**result.example, "ppl": result.inference}
 
 
 def _run_inference(handler):
@@ -267,7 +290,13 @@ def dedup_group(item) -> list[dict]:
 
 
 class DedupKey:
-    """Key for exact dedup: the normalised-text hash for live documents, a unique key for the others."""
+    """Key for exact dedup: the normalised-text hash for live documents, a unique key for the others.
+
+    A document whose key cannot be computed becomes a dead letter of step `dedup` (with a unique key).
+    """
+
+    def __init__(self, faults: Faults | None = None):
+        self.faults = Faults.from_env() if faults is None else faults
 
     def setup(self):
         from cpt.pipelines.text import dedup_key
@@ -277,11 +306,16 @@ class DedupKey:
     def __call__(self, doc: dict) -> tuple[str, dict]:
         if not hasattr(self, "_dedup_key"):
             self.setup()
-        if not is_live(doc):
-            # Already decided: must not collide with any text hash (those are 64 hex chars). The
-            # source (unique per input file, see io.expand_inputs) and offset make the key unique.
-            return f"decided:{doc['source']}:{doc.get('offset')}:{doc['id']}", doc
-        return self._dedup_key(doc["text"]), doc
+        if is_live(doc):
+            try:
+                self.faults.check("dedup", doc["id"])
+                return self._dedup_key(doc["text"]), doc
+            except Exception as err:  # noqa: BLE001 - as in FilterDoFn: one record, not the job
+                _DEDUP_DEAD.inc()
+                doc = dead_letter(doc, "dedup", repr(err))
+        # Already decided: must not collide with any text hash (those are 64 hex chars). The
+        # source (unique per input file, see io.expand_inputs) and offset make the key unique.
+        return f"decided:{doc['source']}:{doc.get('offset')}:{doc['id']}", doc
 
 
 class ExactDedup(beam.PTransform):
@@ -299,6 +333,7 @@ class ExactDedup(beam.PTransform):
 
 _DUPLICATES = Metrics.counter("dedup", "duplicate")
 _DEDUP_KEPT = Metrics.counter("dedup", "kept")
+_DEDUP_DEAD = Metrics.counter("dedup", "dead_letter")
 
 
 def _count_duplicates(doc: dict) -> dict:

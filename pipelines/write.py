@@ -87,6 +87,8 @@ class WriteShardDoFn(beam.DoFn):
             "rejected": rejected_info,
             "reasons": dict(Counter(d["reason"] for d in by_status[REJECTED])),
             "dead_letter": len(dead),
+            # Which step dead-lettered each record ("read": the reader's size/decoding/JSON guards).
+            "dead_letter_steps": dict(Counter(d.get("dead_step") or "read" for d in dead)),
         }
 
 
@@ -215,6 +217,14 @@ def counts_from_summary(summary: dict, num_shards: int) -> dict:
             f"{sum(reasons.values())} + dead_letter {counts['dead_letter']}; no manifest written"
         )
     return counts
+
+
+def dead_letters_by_step(summary: dict) -> dict[str, int]:
+    """Dead letters per step that made them, over all shards (for the run summary a user reads)."""
+    steps: Counter = Counter()
+    for shard in summary["shards"]:
+        steps.update(shard.get("dead_letter_steps") or {})
+    return dict(sorted(steps.items()))
 
 
 def finalize(output: str, manifest: dict, summary: dict, tokenized: bool) -> dict:
