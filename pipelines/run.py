@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", help="tokenizer folder: adds input_ids and n_tokens")
     p.add_argument("--num-shards", type=int)
     p.add_argument("--max-bytes", type=int, help="size guard per record (default 10 MB)")
+    eval_help = "prepared eval datasets: reject training documents that overlap them"
+    p.add_argument("--decontaminate", nargs="+", metavar="DIR", help=eval_help)
     return p
 
 
@@ -67,6 +69,7 @@ def flags_to_dict(args: argparse.Namespace) -> dict:
         ("tokenizer",): args.tokenizer,
         ("num_shards",): args.num_shards,
         ("max_bytes",): args.max_bytes,
+        ("decontaminate", "datasets"): args.decontaminate,
         ("filters", "langs"): args.lang,
         ("filters", "min_lang_prob"): args.min_lang_prob,
         ("filters", "min_chars"): args.min_chars,
@@ -90,6 +93,7 @@ def flags_to_dict(args: argparse.Namespace) -> dict:
 
 def check_paths(cfg: PrepareConfig) -> None:
     """User errors about paths that no pipeline step should discover: raise ConfigError with the fix."""
+    from cpt.shared import dataset
     from cpt.shared.dataset import filesystem
 
     problems = []
@@ -99,6 +103,11 @@ def check_paths(cfg: PrepareConfig) -> None:
     for name, folder in (("--tokenizer", cfg.tokenizer), ("--ppl-model", cfg.perplexity.model)):
         if folder and not Path(folder).is_dir() and "://" not in folder:
             problems.append(f"{name} {folder}: no such folder (give a local Hugging Face model/tokenizer folder)")
+    for folder in cfg.decontaminate.datasets if "decontaminate" in cfg.active_steps() else ():
+        try:
+            dataset.read_manifest(folder)
+        except dataset.DatasetError as err:
+            problems.append(f"--decontaminate {err} (give folders written by `cpt prepare`)")
     if problems:
         raise ConfigError(problems, "cpt prepare")
 
@@ -135,6 +144,17 @@ def build_pipeline(p, cfg: PrepareConfig, files):
             docs = docs | "Perplexity" >> t.ScorePerplexity(handler, ppl.max_ppl, ppl.keep_percentile)
         elif step == "dedup":
             docs = docs | "Dedup" >> t.ExactDedup()
+        elif step == "near_dedup":
+            from cpt.pipelines.near_dedup import NearDedup
+
+            docs = docs | "NearDedup" >> NearDedup(cfg.near_dedup)
+        elif step == "decontaminate":
+            from cpt.pipelines.near_dedup import Decontaminate
+            from cpt.shared.dataset import shard_urls
+
+            d = cfg.decontaminate
+            shards = [url for folder in d.datasets for url in shard_urls(folder)]
+            docs = docs | "Decontaminate" >> Decontaminate(shards, d.ngram, d.min_overlap)
     if cfg.tokenizer:
         docs = docs | "Tokenize" >> t.ApplyStep("tokenize", t.TokenizeStep(cfg.tokenizer))
     write = WriteDataset(cfg.output, cfg.num_shards, cfg.domain, cfg.tokenizer is not None, cfg.dead_letter_max_bytes)
@@ -207,6 +227,10 @@ def summary_text(cfg: PrepareConfig, counts: dict, seconds: float, input_bytes: 
     ]
     lines += [f"    {reason}: {n}" for reason, n in counts["rejected"].items()]
     lines.append(f"  dead_letter: {counts['dead_letter']}")
+    if "near_dedup" in manifest:
+        from cpt.pipelines.near_dedup import report_lines
+
+        lines += report_lines(manifest["near_dedup"])
     tokens = [s["tokens"] for s in manifest["shards"] if s["tokens"] is not None]
     if tokens:
         lines.append(f"  tokens:      {sum(tokens)}")
@@ -242,6 +266,12 @@ def prepare(cfg: PrepareConfig, beam_args: list[str], quiet: bool = False) -> di
     summary = read_run_summary(cfg.output)
     counts = counts_from_summary(summary, cfg.num_shards)
     manifest = {**base_manifest(cfg, files, notes), "counts": counts}
+    if "near_dedup" in cfg.active_steps():
+        from cpt.pipelines.near_dedup import merge_stats
+
+        bands, rows = cfg.near_dedup.lsh_params()
+        params = {**to_dict(cfg.near_dedup), "bands": bands, "rows": rows}
+        manifest["near_dedup"] = {"params": params, **merge_stats(summary["shards"])}
     manifest = finalize(cfg.output, manifest, summary, tokenized=cfg.tokenizer is not None)
     if not quiet:
         print(summary_text(cfg, counts, seconds, sum(f.size for f in files), manifest, metric_lines(result)))

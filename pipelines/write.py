@@ -15,6 +15,7 @@ from collections import Counter
 
 import apache_beam as beam
 
+from cpt.pipelines.near_dedup import shard_stats as near_dedup_stats
 from cpt.pipelines.transforms import DEAD, KEPT, REJECTED, shard_index
 from cpt.shared import dataset
 from cpt.shared.dataset import join
@@ -87,6 +88,7 @@ class WriteShardDoFn(beam.DoFn):
             "rejected": rejected_info,
             "reasons": dict(Counter(d["reason"] for d in by_status[REJECTED])),
             "dead_letter": len(dead),
+            "near_dedup": near_dedup_stats(records),
         }
 
 
