@@ -367,15 +367,3 @@ def merge_stats(shard_infos: list[dict]) -> dict:
         "largest_cluster": max((s["largest"] for s in stats), default=0),
         "sample_pairs": [list(p) for p in pairs],
     }
-
-
-def report_lines(report: dict) -> list[str]:
-    """The end-of-run summary's (and `cpt inspect`'s) lines for a manifest's `near_dedup` entry."""
-    p = report["params"]
-    lines = [
-        f"  near_dedup: {report['clusters']} clusters, largest {report['largest_cluster']} documents "
-        f"({p['unit']} {p['ngram']}-grams, {p['num_perm']} permutations = {p['bands']} bands x {p['rows']} rows, "
-        f"threshold {p['threshold']}, verify {p['verify_threshold'] if p['verify'] else 'off'})"
-    ]
-    lines += [f"    kept {kept} <- rejected {rejected}" for kept, rejected in report["sample_pairs"]]
-    return lines

@@ -228,9 +228,9 @@ def summary_text(cfg: PrepareConfig, counts: dict, seconds: float, input_bytes: 
     lines += [f"    {reason}: {n}" for reason, n in counts["rejected"].items()]
     lines.append(f"  dead_letter: {counts['dead_letter']}")
     if "near_dedup" in manifest:
-        from cpt.pipelines.near_dedup import report_lines
+        from cpt.pipelines.inspect import near_dedup_lines
 
-        lines += report_lines(manifest["near_dedup"])
+        lines += near_dedup_lines(manifest["near_dedup"])
     tokens = [s["tokens"] for s in manifest["shards"] if s["tokens"] is not None]
     if tokens:
         lines.append(f"  tokens:      {sum(tokens)}")
