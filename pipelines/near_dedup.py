@@ -87,7 +87,7 @@ class Signer:
 
     def __call__(self, grams: Iterable[bytes]) -> np.ndarray:
         m = self._minhash(num_perm=self.num_perm, seed=self.seed, permutations=self._permutations, scheme="affine32")
-        m.update_batch(sorted(grams))
+        m.update_batch(list(grams))  # MinHash is a min per permutation: the order does not matter
         return np.asarray(m.hashvalues, dtype="<u4")
 
 

@@ -1,6 +1,7 @@
 """`cpt prepare`: raw text / HTML / code -> a prepared dataset (sharded Arrow + manifest), on any Beam runner.
 
-    read -> html -> pii -> length -> language -> perplexity -> code -> dedup -> tokenize -> write shards
+    read -> html -> pii -> length -> language -> perplexity -> code -> dedup -> near_dedup -> decontaminate
+         -> tokenize -> write shards
 
 The launcher validates everything a user can get wrong before any work starts, resolves the input
 files, cleans a previous run, runs the pipeline, checks the accounting and writes the manifest last.

@@ -88,6 +88,8 @@ def main() -> None:
             )
         print(f"near dedup / exact alone: {near / exact:.2f}x the time")
         pairs = similar_pairs(texts)
+        spread = " ".join(f"{edge}:{n}" for edge, n in histogram(list(pairs.values())))
+        print(f"pairs of the set by exact word-5-gram Jaccard (>= 0.5): {spread}")
         bands, rows = NearDedupConfig().lsh_params()
         print(
             quality_line(

@@ -15,6 +15,7 @@ import pytest
 from apache_beam.testing.util import assert_that
 
 from cpt.pipelines.config import NearDedupConfig, resolve_config
+from cpt.pipelines.inspect import main as inspect_main
 from cpt.pipelines.near_dedup import (
     ComponentsFn,
     NearDedup,
@@ -171,7 +172,7 @@ def rejected_rows(out: Path) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_near_dedup_writes_the_same_bytes_with_one_or_two_workers_and_on_dask(dask_cluster, tmp_path):  # noqa: F811
+def test_near_dedup_writes_the_same_bytes_with_one_or_two_workers_and_on_dask(dask_cluster, tmp_path, capsys):  # noqa: F811
     docs = near_dup_docs(30, seed=2, hard_negatives=4)
     raw = write_jsonl(tmp_path / "raw" / "docs.jsonl", docs)
     common = ["--input", str(raw), "--preset", "text", "--skip", "language", "--num-shards", "3"]
@@ -200,6 +201,14 @@ def test_near_dedup_writes_the_same_bytes_with_one_or_two_workers_and_on_dask(da
     assert f"near_dedup: {near['clusters']} clusters, largest {near['largest_cluster']} documents" in done.stdout
     kept, dup = near["sample_pairs"][0]
     assert f"    kept {kept} <- rejected {dup}" in done.stdout
+    capsys.readouterr()
+    assert inspect_main([str(tmp_path / "one"), "--rejected", "--n", "1"]) == 0
+    shown = capsys.readouterr().out
+    assert f"near_dedup: {near['clusters']} clusters" in shown
+    assert f"duplicate_of={rejected[0]['duplicate_of']}" in shown
+    assert f"near-duplicate pair: kept [{kept}] <- rejected [{dup}]" in shown
+    by_id = {r["id"]: r["text"] for p in (tmp_path / "one").glob("data-*.arrow") for r in read_rows(p)}
+    assert f"    kept:     {by_id[kept][:40]}" in shown.replace(" ⏎ ", "\n")
 
 
 COMMON_PHRASES = (
