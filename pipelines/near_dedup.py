@@ -9,6 +9,9 @@ Near dedup, in four Beam stages (the datatrove recipe, with no worker holding al
               -> joined back to the docs: the smallest id of each component is kept, every other
                  member is rejected as `near_duplicate` with `duplicate_of` = the kept id.
 
+Signatures come from datasketch; the banding and the components are written here because datasketch's
+MinHashLSH keeps every signature in one in-memory index, which no worker may hold at corpus scale.
+
 Decontamination joins the training documents' word 13-grams with those of prepared eval datasets
 (a GroupByKey on the n-gram hash, never a side input): a training document sharing at least
 `min_overlap` of them with an eval document is rejected as `contaminated`, `duplicate_of` = the eval id.
