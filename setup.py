@@ -25,6 +25,7 @@ PINS = {
     "tqdm": "4.70.1",
     "resiliparse": "2.0.1",
     "langdetect": "1.0.9",
+    "datasketch": "2.0.0",
     "tensorboard": "2.21.0",
     "matplotlib": "3.11.2",
     "dask": "2026.8.0",
@@ -61,7 +62,9 @@ def pinned(*names):
 
 CORE = pinned("pyarrow", "datasets", "fsspec", "numpy", "pyyaml", "tqdm")
 EXTRAS = {
-    "pipeline": pinned("apache-beam", "resiliparse", "langdetect", "transformers", "tokenizers", "huggingface-hub")
+    "pipeline": pinned(
+        "apache-beam", "resiliparse", "langdetect", "datasketch", "transformers", "tokenizers", "huggingface-hub"
+    )
     + [TORCH],
     "train": [TORCH]
     + pinned("transformers", "tokenizers", "huggingface-hub", "safetensors", "tensorboard", "matplotlib"),

@@ -13,9 +13,9 @@ from pathlib import Path
 from cpt.shared.config import ConfigError, load_config, read_yaml
 
 PRESETS_DIR = Path(__file__).parent / "presets"
-STEPS = ("html", "pii", "length", "language", "perplexity", "code", "dedup")
+STEPS = ("html", "pii", "length", "language", "perplexity", "code", "dedup", "near_dedup", "decontaminate")
 # Steps that can reject a document (html and pii only rewrite the text).
-REJECTING_STEPS = ("length", "language", "perplexity", "code", "dedup")
+REJECTING_STEPS = ("length", "language", "perplexity", "code", "dedup", "near_dedup", "decontaminate")
 FORMATS = ("jsonl", "parquet", "arrow", "text", "html", "code")
 
 
@@ -100,6 +100,83 @@ class PerplexityConfig:
 
 
 @dataclass
+class NearDedupConfig:
+    ngram: int = 5
+    """Shingle size: word n-grams of the normalised text (character n-grams with unit: char)."""
+    unit: str = "word"
+    """word, or char (for code and for languages written without spaces)."""
+    num_perm: int = 128
+    """MinHash permutations (the signature length)."""
+    seed: int = 1
+    """Seed of the hash family: the same seed gives the same signatures on every machine and runner."""
+    threshold: float = 0.8
+    """Jaccard similarity from which two documents count as near duplicates; sets bands x rows."""
+    false_negative_weight: float = 0.95
+    """Weight of missed pairs against false candidates when bands x rows are chosen (verification
+    removes false candidates, so missing fewer pairs is worth more)."""
+    bands: int | None = None
+    """LSH bands; with rows, overrides the choice from threshold."""
+    rows: int | None = None
+    """Rows (hash values) per band."""
+    verify: bool = True
+    """Join only candidate pairs whose estimated Jaccard (share of equal hash values) reaches verify_threshold."""
+    verify_threshold: float = 0.8
+    """Lower catches more pairs near the threshold (the estimate's noise is about +-0.035 at 128 permutations),
+    but chains clusters: members then point to a kept document they resemble less."""
+    max_pairs_group: int = 32
+    """Band groups up to this size give all pairs; larger ones a star to the group's smallest id."""
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.ngram < 1:
+            out.append(f"near_dedup.ngram: must be >= 1, got {self.ngram}")
+        if self.unit not in ("word", "char"):
+            out.append(f"near_dedup.unit: word or char, got {self.unit!r}")
+        if not 0.0 < self.threshold < 1.0:
+            out.append(f"near_dedup.threshold: must be within (0, 1), got {self.threshold}")
+        if not 0.0 < self.false_negative_weight < 1.0:
+            out.append(f"near_dedup.false_negative_weight: must be within (0, 1), got {self.false_negative_weight}")
+        if not 0.0 <= self.verify_threshold <= 1.0:
+            out.append(f"near_dedup.verify_threshold: must be within [0, 1], got {self.verify_threshold}")
+        if (self.bands is None) != (self.rows is None):
+            out.append("near_dedup.bands/rows: give both or neither (then they follow from threshold)")
+        elif self.bands is not None and (self.bands < 1 or self.rows < 1 or self.bands * self.rows > self.num_perm):
+            got = f"{self.bands}x{self.rows}"
+            out.append(f"near_dedup.bands/rows: need bands x rows <= num_perm ({self.num_perm}), got {got}")
+        if self.num_perm < 2:
+            out.append(f"near_dedup.num_perm: must be >= 2, got {self.num_perm}")
+        if self.max_pairs_group < 2:
+            out.append(f"near_dedup.max_pairs_group: must be >= 2, got {self.max_pairs_group}")
+        return out
+
+    def lsh_params(self) -> tuple[int, int]:
+        """(bands, rows): as configured, or chosen for the threshold (datasketch's optimiser)."""
+        if self.bands is not None and self.rows is not None:
+            return self.bands, self.rows
+        from cpt.pipelines.near_dedup import lsh_params
+
+        return lsh_params(self.num_perm, self.threshold, self.false_negative_weight)
+
+
+@dataclass
+class DecontaminateConfig:
+    datasets: list[str] = field(default_factory=list)
+    """Prepared datasets (the eval sets, --decontaminate DIR ...); without any the step is skipped."""
+    ngram: int = 13
+    """Word n-gram length of an overlap (13: the GPT-3 / datatrove convention)."""
+    min_overlap: int = 1
+    """A training document sharing at least this many distinct n-grams with the eval sets is contaminated."""
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.ngram < 1:
+            out.append(f"decontaminate.ngram: must be >= 1, got {self.ngram}")
+        if self.min_overlap < 1:
+            out.append(f"decontaminate.min_overlap: must be >= 1, got {self.min_overlap}")
+        return out
+
+
+@dataclass
 class PrepareConfig:
     inputs: list[str] = field(default_factory=list)
     """Input paths, globs or URLs (--input, repeatable)."""
@@ -133,6 +210,8 @@ class PrepareConfig:
     filters: FilterConfig = field(default_factory=FilterConfig)
     code: CodeConfig = field(default_factory=CodeConfig)
     perplexity: PerplexityConfig = field(default_factory=PerplexityConfig)
+    near_dedup: NearDedupConfig = field(default_factory=NearDedupConfig)
+    decontaminate: DecontaminateConfig = field(default_factory=DecontaminateConfig)
 
     def problems(self) -> list[str]:
         out = []
@@ -162,10 +241,13 @@ class PrepareConfig:
         return out
 
     def active_steps(self) -> list[str]:
-        """The steps that run: the configured ones minus --skip, minus perplexity when no model is given."""
+        """The steps that run: the configured ones minus --skip, minus perplexity without a model and decontaminate
+        without eval datasets."""
         steps = [s for s in self.steps if s not in self.skip]
         if "perplexity" in steps and not self.perplexity.model:
             steps.remove("perplexity")
+        if "decontaminate" in steps and not self.decontaminate.datasets:
+            steps.remove("decontaminate")
         return steps
 
 

@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 
+import pyarrow.compute
+
 from cpt.shared import dataset
 
 
@@ -31,11 +33,25 @@ def manifest_lines(manifest: dict) -> list[str]:
     )
     lines += [f"  rejected {reason}: {n}" for reason, n in counts["rejected"].items()]
     lines += [f"note: {note}" for note in manifest.get("notes", [])]
+    if "near_dedup" in manifest:
+        lines += [line[2:] for line in near_dedup_lines(manifest["near_dedup"])]
     lines.append("shards:")
     for shard in manifest["shards"]:
         tokens = "" if shard["tokens"] is None else f", {shard['tokens']} tokens"
         size = f"{shard['rows']} rows, {shard['bytes']} bytes{tokens}"
         lines.append(f"  {shard['file']}: {size}, sha256 {shard['sha256'][:12]}")
+    return lines
+
+
+def near_dedup_lines(report: dict) -> list[str]:
+    """`cpt inspect`'s (and the end-of-run summary's) lines for a manifest's `near_dedup` entry."""
+    p = report["params"]
+    lines = [
+        f"  near_dedup: {report['clusters']} clusters, largest {report['largest_cluster']} documents "
+        f"({p['unit']} {p['ngram']}-grams, {p['num_perm']} permutations = {p['bands']} bands x {p['rows']} rows, "
+        f"threshold {p['threshold']}, verify {p['verify_threshold'] if p['verify'] else 'off'})"
+    ]
+    lines += [f"    kept {kept} <- rejected {rejected}" for kept, rejected in report["sample_pairs"]]
     return lines
 
 
@@ -51,6 +67,7 @@ def sample_rows(directory: str, shards: list[dict], n: int) -> list[dict]:
 
 def row_line(row: dict) -> str:
     extra = f" reason={row['reason']}" if "reason" in row else ""
+    extra += f" duplicate_of={row['duplicate_of']}" if row.get("duplicate_of") else ""
     pii = {k[4:]: v for k, v in row.items() if k.startswith("pii_") and v}
     return (
         f"  [{row['id']}]{extra} lang={row['lang']} ppl={row['ppl']} chars={row['n_chars']}"
@@ -75,6 +92,29 @@ def rejected_lines(dataset_dir: str, manifest: dict, n: int) -> list[str]:
     return lines or ["no rejected documents"]
 
 
+def find_row(directory: str, shards: list[dict], doc_id: str) -> dict | None:
+    """The row with this id, read from the one shard its id hashes to (the writer's rule)."""
+    shard = shards[dataset.shard_index(doc_id, len(shards))]
+    if not shard["rows"]:
+        return None
+    table = dataset.read_shard(dataset.join(directory, shard["file"]))
+    rows = table.filter(pyarrow.compute.equal(table["id"], doc_id)).slice(0, 1).to_pylist()
+    return rows[0] if rows else None
+
+
+def pair_lines(dataset_dir: str, manifest: dict) -> list[str]:
+    """The sample (kept, rejected) near-duplicate pairs of the manifest, both texts shortened."""
+    rejected_dir = dataset.join(dataset_dir, dataset.REJECTED_DIR)
+    lines = []
+    for kept_id, rejected_id in manifest.get("near_dedup", {}).get("sample_pairs", []):
+        kept = find_row(dataset_dir, manifest["shards"], kept_id)
+        rejected = find_row(rejected_dir, manifest["rejected_shards"], rejected_id)
+        lines.append(f"near-duplicate pair: kept [{kept_id}] <- rejected [{rejected_id}]")
+        lines += [f"    kept:     {_shorten(kept and kept['text'], 140)}"]
+        lines += [f"    rejected: {_shorten(rejected and rejected['text'], 140)}"]
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="cpt inspect", description=__doc__)
     p.add_argument("dataset", help="a prepared dataset folder or URL")
@@ -86,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         lines = manifest_lines(manifest)
         if args.rejected:
             lines += rejected_lines(args.dataset, manifest, args.n)
+            lines += pair_lines(args.dataset, manifest)
         else:
             lines.append(f"sample rows ({args.n}):")
             lines += [row_line(row) for row in sample_rows(args.dataset, manifest["shards"], args.n)]

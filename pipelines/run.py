@@ -1,6 +1,7 @@
 """`cpt prepare`: raw text / HTML / code -> a prepared dataset (sharded Arrow + manifest), on any Beam runner.
 
-    read -> html -> pii -> length -> language -> perplexity -> code -> dedup -> tokenize -> write shards
+    read -> html -> pii -> length -> language -> perplexity -> code -> dedup -> near_dedup -> decontaminate
+         -> tokenize -> write shards
 
 The launcher validates everything a user can get wrong before any work starts, resolves the input
 files, cleans a previous run, runs the pipeline, checks the accounting and writes the manifest last.
@@ -63,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"worker processes on this machine (default: the cores, at most {MAX_WORKERS} and one per "
         f"{BYTES_PER_WORKER >> 20} MB of input); DirectRunner only, --direct_num_workers overrides it",
     )
+    eval_help = "prepared eval datasets: reject training documents that overlap them"
+    p.add_argument("--decontaminate", nargs="+", metavar="DIR", help=eval_help)
     return p
 
 
@@ -79,6 +82,7 @@ def flags_to_dict(args: argparse.Namespace) -> dict:
         ("tokenizer",): args.tokenizer,
         ("num_shards",): args.num_shards,
         ("max_bytes",): args.max_bytes,
+        ("decontaminate", "datasets"): args.decontaminate,
         ("filters", "langs"): args.lang,
         ("filters", "min_lang_prob"): args.min_lang_prob,
         ("filters", "min_chars"): args.min_chars,
@@ -103,6 +107,7 @@ def flags_to_dict(args: argparse.Namespace) -> dict:
 
 def check_paths(cfg: PrepareConfig) -> None:
     """User errors about paths that no pipeline step should discover: raise ConfigError with the fix."""
+    from cpt.shared import dataset
     from cpt.shared.dataset import filesystem
 
     problems = []
@@ -119,6 +124,11 @@ def check_paths(cfg: PrepareConfig) -> None:
         problem = check_model(cfg.perplexity.model, "cpu")
         if problem:
             problems.append(f"--ppl-model: {problem}")
+    for folder in cfg.decontaminate.datasets if "decontaminate" in cfg.active_steps() else ():
+        try:
+            dataset.read_manifest(folder)
+        except dataset.DatasetError as err:
+            problems.append(f"--decontaminate {err} (give folders written by `cpt prepare`)")
     if problems:
         raise ConfigError(problems, "cpt prepare")
 
@@ -155,6 +165,17 @@ def build_pipeline(p, cfg: PrepareConfig, files):
             docs = docs | "Perplexity" >> t.ScorePerplexity(handler, ppl.max_ppl, ppl.keep_percentile)
         elif step == "dedup":
             docs = docs | "Dedup" >> t.ExactDedup()
+        elif step == "near_dedup":
+            from cpt.pipelines.near_dedup import NearDedup
+
+            docs = docs | "NearDedup" >> NearDedup(cfg.near_dedup)
+        elif step == "decontaminate":
+            from cpt.pipelines.near_dedup import Decontaminate
+            from cpt.shared.dataset import shard_urls
+
+            d = cfg.decontaminate
+            shards = [url for folder in d.datasets for url in shard_urls(folder)]
+            docs = docs | "Decontaminate" >> Decontaminate(shards, d.ngram, d.min_overlap)
     if cfg.tokenizer:
         docs = docs | "Tokenize" >> t.ApplyStep("tokenize", t.TokenizeStep(cfg.tokenizer))
     write = WriteDataset(cfg.output, cfg.num_shards, cfg.domain, cfg.tokenizer is not None, cfg.dead_letter_max_bytes)
@@ -247,6 +268,10 @@ def summary_text(cfg: PrepareConfig, counts: dict, seconds: float, input_bytes: 
     lines += [f"    {reason}: {n}" for reason, n in counts["rejected"].items()]
     lines.append(f"  dead_letter: {counts['dead_letter']}")
     lines += [f"    {step}: {n}" for step, n in counts.get("dead_letter_steps", {}).items()]
+    if "near_dedup" in manifest:
+        from cpt.pipelines.inspect import near_dedup_lines
+
+        lines += near_dedup_lines(manifest["near_dedup"])
     tokens = [s["tokens"] for s in manifest["shards"] if s["tokens"] is not None]
     if tokens:
         lines.append(f"  tokens:      {sum(tokens)}")
@@ -292,6 +317,12 @@ def prepare(cfg: PrepareConfig, beam_args: list[str], quiet: bool = False, worke
     summary = read_run_summary(cfg.output)
     counts = counts_from_summary(summary, cfg.num_shards)
     manifest = {**base_manifest(cfg, files, notes), "counts": counts}
+    if "near_dedup" in cfg.active_steps():
+        from cpt.pipelines.near_dedup import merge_stats
+
+        bands, rows = cfg.near_dedup.lsh_params()
+        params = {**to_dict(cfg.near_dedup), "bands": bands, "rows": rows}
+        manifest["near_dedup"] = {"params": params, **merge_stats(summary["shards"])}
     manifest = finalize(cfg.output, manifest, summary, tokenized=cfg.tokenizer is not None)
     if not quiet:
         shown = {**counts, "dead_letter_steps": dead_letters_by_step(summary)}

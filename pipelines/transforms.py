@@ -14,14 +14,13 @@ writer splits the channel by status at the end, which also makes the accounting 
 
 from __future__ import annotations
 
-import hashlib
 import math
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
 from cpt.pipelines.faults import NO_FAULTS, Faults
-from cpt.shared.dataset import pii_column
+from cpt.shared.dataset import pii_column, shard_index  # noqa: F401  (shard_index: used by write.py)
 
 KEPT, REJECTED, DEAD = "ok", "rejected", "dead"
 
@@ -342,8 +341,3 @@ def _count_duplicates(doc: dict) -> dict:
     elif is_live(doc):
         _DEDUP_KEPT.inc()
     return doc
-
-
-def shard_index(doc_id: str, num_shards: int) -> int:
-    """A stable shard for an id (sha256, not Python's salted hash())."""
-    return int.from_bytes(hashlib.sha256(doc_id.encode("utf-8")).digest()[:8], "big") % num_shards

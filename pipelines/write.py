@@ -15,6 +15,7 @@ from collections import Counter
 
 import apache_beam as beam
 
+from cpt.pipelines.near_dedup import shard_stats as near_dedup_stats
 from cpt.pipelines.transforms import DEAD, KEPT, REJECTED, shard_index
 from cpt.shared import dataset
 from cpt.shared.dataset import join
@@ -89,6 +90,7 @@ class WriteShardDoFn(beam.DoFn):
             "dead_letter": len(dead),
             # Which step dead-lettered each record ("read": the reader's size/decoding/JSON guards).
             "dead_letter_steps": dict(Counter(d.get("dead_step") or "read" for d in dead)),
+            "near_dedup": near_dedup_stats(records),
         }
 
 

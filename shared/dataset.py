@@ -65,6 +65,8 @@ def document_schema(tokenized: bool = False, rejected: bool = False) -> pa.Schem
         fields += [pa.field("input_ids", pa.list_(pa.uint32())), pa.field("n_tokens", pa.int64())]
     if rejected:
         fields.append(pa.field("reason", pa.string()))
+        # The id of the document this one duplicates: the kept one (near_duplicate), or an eval one (contaminated).
+        fields.append(pa.field("duplicate_of", pa.string()))
     return pa.schema(fields)
 
 
@@ -78,6 +80,11 @@ def hf_features(schema: pa.Schema) -> dict:
         return {"dtype": name or str(arrow_type), "_type": "Value"}
 
     return {f.name: feature(f.type) for f in schema}
+
+
+def shard_index(doc_id: str, num_shards: int) -> int:
+    """A stable shard for an id (sha256, not Python's salted hash())."""
+    return int.from_bytes(hashlib.sha256(doc_id.encode("utf-8")).digest()[:8], "big") % num_shards
 
 
 def join(base: str, *parts: str) -> str:

@@ -232,15 +232,36 @@ class Stages:
             raise StageError(f"stage {name!r} failed (exit {code}): {shlex.join(cmd)}\n  full output: {log}")
 
 
-def prepare_command(raw: Path, domain: str, split: str, out: Path, num_shards: int) -> list[str]:
-    """`cpt prepare` of one split: preset code for the code, web for the HTML + JSONL general text."""
+def prepare_command(
+    raw: Path, domain: str, split: str, out: Path, num_shards: int, held_out: Path | None = None
+) -> list[str]:
+    """`cpt prepare` of one split: preset code for the code, web for the HTML + JSONL general text.
+
+    A training split is decontaminated against its prepared held-out split (`held_out`).
+    """
     preset = "code" if domain == "code" else "web"
     args = ["prepare", "--preset", preset, "--domain", domain, "--output", str(out), "--num-shards", str(num_shards)]
     for pattern in input_patterns(raw, domain, split):
         args += ["--input", pattern]
     if domain != "code":
         args += ["--id-field", "id"]
+    if held_out is not None:
+        args += ["--decontaminate", str(held_out)]
     return cpt_command(*args)
+
+
+def contamination_lines(dataset_paths: dict[str, str]) -> list[str]:
+    """Per training set: how many documents shared a 13-gram with its held-out set (removed as contaminated)."""
+    lines = []
+    for name, path in sorted(dataset_paths.items()):
+        manifest = json.loads((Path(path) / "manifest.json").read_text())
+        held_out = manifest["config"].get("decontaminate", {}).get("datasets") or []
+        if held_out:
+            n = manifest["counts"]["rejected"].get("contaminated", 0)
+            kept = manifest["counts"]["kept"]
+            against = ", ".join(Path(d).name for d in held_out)
+            lines.append(f"  held-out check: {name}: {n} documents overlapped {against} and were removed; {kept} kept")
+    return lines
 
 
 def train_config(
@@ -374,12 +395,14 @@ def run_demo(workdir: Path, scale: DemoScale, model: Path | None, force: bool) -
 
     datasets = {}
     for domain in ("code", "general"):
-        for split in ("train", "val"):
+        for split in ("val", "train"):  # held-out first: the training split is decontaminated against it
             name = f"{domain}-{split}"
             datasets[name] = data / name
-            cmd = prepare_command(raw, domain, split, data / name, scale.num_shards)
+            held_out = data / f"{domain}-val" if split == "train" else None
+            cmd = prepare_command(raw, domain, split, data / name, scale.num_shards, held_out)
             work = partial(stages.command, f"prepare-{name}", cmd)
             stages.run(f"prepare-{name}", {"cmd": cmd}, work, (data / name / "manifest.json",))
+    print("\n".join(contamination_lines({name: str(path) for name, path in datasets.items()})), flush=True)
 
     eval_sets = {"domain": str(datasets["code-val"]), "general": str(datasets["general-val"])}
     if model is None:

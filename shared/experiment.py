@@ -23,6 +23,7 @@ from cpt.shared.demo import (
     DemoScale,
     StageError,
     Stages,
+    contamination_lines,
     eval_command,
     exit_on_sigterm,
     train,
@@ -215,6 +216,7 @@ def run_experiment(workdir: Path, variants: list[Variant], steps: int | None, fo
     runs = workdir / "experiment"
     stages = Stages(workdir, force)
     rows, seconds, bpb = [], {}, {}
+    print("\n".join(contamination_lines(state["dataset_paths"])) or "  held-out check: no decontaminated training set")
     for variant in variants:
         sources, schedule = variant_sources(variant, state["dataset_paths"])
         eval_sets = dict(state["eval_sets"])

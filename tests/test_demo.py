@@ -281,6 +281,8 @@ def test_small_demo_runs_every_stage_and_lowers_domain_perplexity(tmp_path):
     for name in ("code-train", "code-val", "general-train", "general-val"):
         manifest = json.loads((workdir / "data" / name / "manifest.json").read_text())
         assert manifest["counts"]["kept"] > 0
+        held_out = [str(workdir / "data" / name.replace("train", "val"))] if name.endswith("train") else []
+        assert manifest["config"]["decontaminate"]["datasets"] == held_out
     for run in ("base", "cpt"):
         assert (workdir / "runs" / run / "final" / "config.json").is_file()
         assert (workdir / "runs" / run / "metrics.jsonl").stat().st_size > 0
@@ -290,6 +292,26 @@ def test_small_demo_runs_every_stage_and_lowers_domain_perplexity(tmp_path):
     assert "| domain (stdlib code)" in (workdir / "REPORT.md").read_text()
     assert state["after_bpb"]["domain"] < state["before_bpb"]["domain"]
     assert "Bits per byte (comparable across tokenizers):" in (workdir / "REPORT.md").read_text()
+
+
+def test_contamination_lines_count_the_rejects_of_each_decontaminated_set(tmp_path):
+    from cpt.shared.demo import contamination_lines
+
+    def manifest(name: str, held_out: list[str], rejected: dict) -> str:
+        (tmp_path / name).mkdir()
+        payload = {"config": {"decontaminate": {"datasets": held_out}}, "counts": {"kept": 7, "rejected": rejected}}
+        (tmp_path / name / "manifest.json").write_text(json.dumps(payload))
+        return str(tmp_path / name)
+
+    paths = {
+        "code-train": manifest("code-train", [str(tmp_path / "code-val")], {"contaminated": 3, "duplicate": 1}),
+        "code-val": manifest("code-val", [], {}),
+        "general-train": manifest("general-train", [str(tmp_path / "general-val")], {}),
+    }
+    assert contamination_lines(paths) == [
+        "  held-out check: code-train: 3 documents overlapped code-val and were removed; 7 kept",
+        "  held-out check: general-train: 0 documents overlapped general-val and were removed; 7 kept",
+    ]
 
 
 def test_sigterm_stops_the_running_stage(tmp_path):
