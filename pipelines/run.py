@@ -36,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--domain")
     p.add_argument("--format", choices=["jsonl", "parquet", "arrow", "text", "html", "code"])
     p.add_argument("--text-field")
+    p.add_argument("--html-field", help="records' HTML column: read instead of --text-field and cleaned as HTML")
     p.add_argument("--id-field")
     p.add_argument("--skip", nargs="+", metavar="STEP", help=f"steps to leave out: {' '.join(STEPS)}")
     p.add_argument("--lang", nargs="+", help="languages to keep (default en)")
@@ -63,6 +64,7 @@ def flags_to_dict(args: argparse.Namespace) -> dict:
         ("format",): args.format,
         ("text_field",): args.text_field,
         ("id_field",): args.id_field,
+        ("html_field",): args.html_field,
         ("skip",): args.skip,
         ("tokenizer",): args.tokenizer,
         ("num_shards",): args.num_shards,
@@ -109,14 +111,18 @@ def build_pipeline(p, cfg: PrepareConfig, files):
     from cpt.pipelines.io import ReaderConfig, ReadInputs
     from cpt.pipelines.write import CountInputs, WriteDataset, WriteRunSummary
 
-    reader = ReaderConfig(cfg.text_field, cfg.id_field, cfg.max_bytes, cfg.dead_letter_max_bytes)
+    reader = ReaderConfig(cfg.record_text_field(), cfg.id_field, cfg.max_bytes, cfg.dead_letter_max_bytes)
     records = p | "Read" >> ReadInputs(files, reader)
     input_count = records | "CountInputs" >> CountInputs()
     f = cfg.filters
     docs = records
+    if "html" not in cfg.active_steps():
+        # Nothing cleans HTML in this run: count what looks like it, so the summary can say so.
+        docs = docs | "SniffHTML" >> t.ApplyStep("html_sniff", t.HtmlSniffStep())
     for step in cfg.active_steps():
         if step == "html":
-            docs = docs | "CleanHTML" >> t.ApplyStep("html", t.HtmlStep(cfg.records_are_html))
+            html = t.HtmlStep(cfg.records_are_html or cfg.html_field is not None, cfg.html.sniff, cfg.html.mode)
+            docs = docs | "CleanHTML" >> t.ApplyStep("html", html)
         elif step == "pii":
             docs = docs | "MaskPII" >> t.ApplyStep("pii", t.PiiStep(cfg.pii.secrets))
         elif step == "length":
@@ -207,6 +213,8 @@ def summary_text(cfg: PrepareConfig, counts: dict, seconds: float, input_bytes: 
     ]
     lines += [f"    {reason}: {n}" for reason, n in counts["rejected"].items()]
     lines.append(f"  dead_letter: {counts['dead_letter']}")
+    if counts.get("html"):
+        lines.append("  html:        " + ", ".join(f"{why} {n}" for why, n in counts["html"].items()))
     tokens = [s["tokens"] for s in manifest["shards"] if s["tokens"] is not None]
     if tokens:
         lines.append(f"  tokens:      {sum(tokens)}")
@@ -215,6 +223,17 @@ def summary_text(cfg: PrepareConfig, counts: dict, seconds: float, input_bytes: 
         lines += ["  beam counters:", *metrics]
     lines.append(f"  output: {cfg.output} ({len(manifest['shards'])} shards; rejected/ and dead_letter/ beside them)")
     return "\n".join(lines)
+
+
+def html_notes(counts: dict) -> list[str]:
+    """Say so when records looked like HTML but no step cleaned them (they are kept as text, markup and all)."""
+    n = counts.get("html", {}).get("not_cleaned", 0)
+    if not n:
+        return []
+    return [
+        f"{n} records look like HTML but were not cleaned (this preset has no html step): "
+        "use --preset web, --html-field NAME, or add html to steps"
+    ]
 
 
 def prepare(cfg: PrepareConfig, beam_args: list[str], quiet: bool = False) -> dict:
@@ -241,6 +260,7 @@ def prepare(cfg: PrepareConfig, beam_args: list[str], quiet: bool = False) -> di
     seconds = time.perf_counter() - started
     summary = read_run_summary(cfg.output)
     counts = counts_from_summary(summary, cfg.num_shards)
+    notes += html_notes(counts)
     manifest = {**base_manifest(cfg, files, notes), "counts": counts}
     manifest = finalize(cfg.output, manifest, summary, tokenized=cfg.tokenizer is not None)
     if not quiet:

@@ -86,23 +86,54 @@ class ApplyStep(beam.PTransform):
 # ---- steps: thin adapters from the document dict to the pure text functions ----
 
 
-class HtmlStep:
-    """HTML -> text, only for documents that came as HTML: .html files, and records when configured so.
+#: Record formats (one document per record, the text from a column) as opposed to one-document files.
+RECORD_FORMATS = ("jsonl", "parquet", "arrow")
 
-    Text and code are never parsed as HTML: that would damage `if a < b and c > d:`.
+
+class HtmlStep:
+    """HTML -> text for documents that are HTML, noting why in `doc["html"]` (counted in the manifest).
+
+    .html files ("file"); records when the input says so ("field": --html-field or records_are_html); other
+    records whose text sniffs as an HTML document when `sniff` is on ("doctype", "html_root",
+    "markup_density"). Text and code files are never parsed as HTML: that would damage `if a < b and c > d:`.
     """
 
-    def __init__(self, records_are_html: bool = False):
-        self.formats = ("html", "jsonl", "parquet", "arrow") if records_are_html else ("html",)
+    def __init__(self, records_are_html: bool = False, sniff: bool = False, mode: str = "full"):
+        self.records_are_html, self.sniff, self.mode = records_are_html, sniff, mode
 
     def setup(self):
-        from cpt.pipelines.text import html_to_text
+        from cpt.pipelines.text import html_to_text, sniff_html
 
-        self._html_to_text = html_to_text
+        self._html_to_text, self._sniff = html_to_text, sniff_html
+
+    def why_html(self, doc: dict) -> str | None:
+        if doc["format"] == "html":
+            return "file"
+        if doc["format"] not in RECORD_FORMATS:
+            return None
+        if self.records_are_html:
+            return "field"
+        return self._sniff(doc["text"]) if self.sniff else None
 
     def __call__(self, doc: dict) -> None:
-        if doc["format"] in self.formats:
-            doc["text"] = self._html_to_text(doc["text"])
+        why = self.why_html(doc)
+        if why is not None:
+            doc["html"] = why
+            doc["text"] = self._html_to_text(doc["text"], mode=self.mode)
+        return None
+
+
+class HtmlSniffStep:
+    """Runs when no step cleans HTML: marks records that look like HTML (`doc["html"] = "not_cleaned"`)."""
+
+    def setup(self):
+        from cpt.pipelines.text import sniff_html
+
+        self._sniff = sniff_html
+
+    def __call__(self, doc: dict) -> None:
+        if doc["format"] in RECORD_FORMATS + ("html",) and self._sniff(doc["text"]) is not None:
+            doc["html"] = "not_cleaned"
         return None
 
 

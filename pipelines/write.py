@@ -87,6 +87,7 @@ class WriteShardDoFn(beam.DoFn):
             "rejected": rejected_info,
             "reasons": dict(Counter(d["reason"] for d in by_status[REJECTED])),
             "dead_letter": len(dead),
+            "html": dict(Counter(r["html"] for r in records if r.get("html"))),
         }
 
 
@@ -208,6 +209,10 @@ def counts_from_summary(summary: dict, num_shards: int) -> dict:
         "rejected": dict(sorted(reasons.items())),
         "dead_letter": sum(s["dead_letter"] for s in shards),
     }
+    # Records treated as HTML, by why (file, field, doctype, html_root, markup_density), or "not_cleaned".
+    html = sum((Counter(s.get("html", {})) for s in shards), Counter())
+    if html:
+        counts["html"] = dict(sorted(html.items()))
     accounted = counts["kept"] + sum(reasons.values()) + counts["dead_letter"]
     if accounted != counts["input"]:
         raise AccountingError(
