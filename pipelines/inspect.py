@@ -30,8 +30,8 @@ def manifest_lines(manifest: dict) -> list[str]:
         f"rejected {sum(counts['rejected'].values())}, dead_letter {counts['dead_letter']}"
     )
     lines += [f"  rejected {reason}: {n}" for reason, n in counts["rejected"].items()]
-    if counts.get("html"):
-        lines.append("html: " + ", ".join(f"{why} {n}" for why, n in counts["html"].items()))
+    if manifest.get("html"):
+        lines.append("html: " + ", ".join(f"{why} {n}" for why, n in manifest["html"].items()))
     lines += [f"note: {note}" for note in manifest.get("notes", [])]
     lines.append("shards:")
     for shard in manifest["shards"]:

@@ -213,8 +213,8 @@ def summary_text(cfg: PrepareConfig, counts: dict, seconds: float, input_bytes: 
     ]
     lines += [f"    {reason}: {n}" for reason, n in counts["rejected"].items()]
     lines.append(f"  dead_letter: {counts['dead_letter']}")
-    if counts.get("html"):
-        lines.append("  html:        " + ", ".join(f"{why} {n}" for why, n in counts["html"].items()))
+    if manifest.get("html"):
+        lines.append("  html:        " + ", ".join(f"{why} {n}" for why, n in manifest["html"].items()))
     tokens = [s["tokens"] for s in manifest["shards"] if s["tokens"] is not None]
     if tokens:
         lines.append(f"  tokens:      {sum(tokens)}")
@@ -225,9 +225,9 @@ def summary_text(cfg: PrepareConfig, counts: dict, seconds: float, input_bytes: 
     return "\n".join(lines)
 
 
-def html_notes(counts: dict) -> list[str]:
+def html_notes(html: dict) -> list[str]:
     """Say so when records looked like HTML but no step cleaned them (they are kept as text, markup and all)."""
-    n = counts.get("html", {}).get("not_cleaned", 0)
+    n = html.get("not_cleaned", 0)
     if not n:
         return []
     return [
@@ -260,8 +260,10 @@ def prepare(cfg: PrepareConfig, beam_args: list[str], quiet: bool = False) -> di
     seconds = time.perf_counter() - started
     summary = read_run_summary(cfg.output)
     counts = counts_from_summary(summary, cfg.num_shards)
-    notes += html_notes(counts)
-    manifest = {**base_manifest(cfg, files, notes), "counts": counts}
+    # Records treated as HTML, by why: beside the counts, which stay input = kept + rejected + dead_letter.
+    html = counts.pop("html", {})
+    notes += html_notes(html)
+    manifest = {**base_manifest(cfg, files, notes), "counts": counts, "html": html}
     manifest = finalize(cfg.output, manifest, summary, tokenized=cfg.tokenizer is not None)
     if not quiet:
         print(summary_text(cfg, counts, seconds, sum(f.size for f in files), manifest, metric_lines(result)))

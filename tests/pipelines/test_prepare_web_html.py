@@ -46,7 +46,7 @@ def test_web_preset_sniffs_html_in_the_text_field_keeps_english_and_rejects_othe
     manifest = prepare("--input", path, "--output", out, "--preset", "web", "--num-shards", 2)
 
     english = {p["id"] for p in pages if p["lang"] == "en"}
-    assert manifest["counts"]["html"] == {"doctype": len(pages)}
+    assert manifest["html"] == {"doctype": len(pages)}
     kept = datasets.load_from_disk(str(out))
     assert set(kept["id"]) == english
     for text in kept["text"]:
@@ -73,8 +73,8 @@ def test_html_field_reads_that_column_and_the_text_preset_reports_html_it_does_n
     by_field = prepare("--input", dump, "--output", tmp_path / "a", "--preset", "text", "--html-field", "body")
     as_text = prepare("--input", path, "--output", tmp_path / "b", "--preset", "text", "--skip", "language")
 
-    assert by_field["counts"]["html"] == {"field": 4}
+    assert by_field["html"] == {"field": 4}
     assert by_field["counts"]["kept"] == 4
     assert all(MARKUP.search(t) is None for t in datasets.load_from_disk(str(tmp_path / "a"))["text"])
-    assert as_text["counts"]["html"] == {"not_cleaned": len(pages)}
+    assert as_text["html"] == {"not_cleaned": len(pages)}
     assert any("look like HTML but were not cleaned" in note for note in as_text["notes"])
