@@ -13,9 +13,9 @@ from pathlib import Path
 from cpt.shared.config import ConfigError, load_config, read_yaml
 
 PRESETS_DIR = Path(__file__).parent / "presets"
-STEPS = ("html", "pii", "length", "language", "perplexity", "code", "dedup")
+STEPS = ("html", "pii", "length", "language", "quality", "perplexity", "code", "dedup")
 # Steps that can reject a document (html and pii only rewrite the text).
-REJECTING_STEPS = ("length", "language", "perplexity", "code", "dedup")
+REJECTING_STEPS = ("length", "language", "quality", "perplexity", "code", "dedup")
 FORMATS = ("jsonl", "parquet", "arrow", "text", "html", "code")
 
 
@@ -70,6 +70,20 @@ class HtmlConfig:
         if self.mode not in HTML_MODES:
             return [f"html.mode: unknown mode {self.mode!r}; choose one of {', '.join(HTML_MODES)}"]
         return []
+
+
+@dataclass
+class QualityConfig:
+    """Which document-quality rule sets the quality step runs (thresholds: the published defaults)."""
+
+    gopher_repetition: bool = True
+    """Duplicate lines/paragraphs and repeated n-grams (gopher_repetition_* reasons)."""
+    gopher_quality: bool = False
+    """Word count, word length, symbols, bullets, alphabetic words, stop words (gopher_* reasons)."""
+    c4: bool = False
+    """C4's line filter (removes javascript/cookie/short lines, keeps code) and its lorem/bracket/sentence rules."""
+    fineweb: bool = False
+    """FineWeb's line rules (fineweb_* reasons)."""
 
 
 @dataclass
@@ -147,6 +161,7 @@ class PrepareConfig:
     pii: PIIConfig = field(default_factory=PIIConfig)
     filters: FilterConfig = field(default_factory=FilterConfig)
     html: HtmlConfig = field(default_factory=HtmlConfig)
+    quality: QualityConfig = field(default_factory=QualityConfig)
     code: CodeConfig = field(default_factory=CodeConfig)
     perplexity: PerplexityConfig = field(default_factory=PerplexityConfig)
 

@@ -1,6 +1,6 @@
 """`cpt prepare`: raw text / HTML / code -> a prepared dataset (sharded Arrow + manifest), on any Beam runner.
 
-    read -> html -> pii -> length -> language -> perplexity -> code -> dedup -> tokenize -> write shards
+    read -> html -> pii -> length -> language -> quality -> perplexity -> code -> dedup -> tokenize -> write shards
 
 The launcher validates everything a user can get wrong before any work starts, resolves the input
 files, cleans a previous run, runs the pipeline, checks the accounting and writes the manifest last.
@@ -130,6 +130,10 @@ def build_pipeline(p, cfg: PrepareConfig, files):
         elif step == "language":
             lang = t.LanguageStep(f.langs, f.min_lang_prob, f.lang_max_chars)
             docs = docs | "Language" >> t.ApplyStep("language", lang)
+        elif step == "quality":
+            q = cfg.quality
+            quality = t.QualityStep(q.gopher_repetition, q.gopher_quality, q.c4, q.fineweb)
+            docs = docs | "Quality" >> t.ApplyStep("quality", quality)
         elif step == "code":
             code = t.CodeStep(f.min_chars, f.max_chars, cfg.code.max_comment_ratio, cfg.code.max_line_length)
             docs = docs | "Code" >> t.ApplyStep("code", code)

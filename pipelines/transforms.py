@@ -185,6 +185,37 @@ class LanguageStep:
         return self._reason(lang, prob, langs=self.langs, min_prob=self.min_prob)
 
 
+class QualityStep:
+    """The Gopher repetition, Gopher quality, C4 and FineWeb rules that are switched on, in that order."""
+
+    def __init__(self, gopher_repetition: bool, gopher_quality: bool, c4: bool, fineweb: bool):
+        self.gopher_repetition, self.gopher_quality, self.c4, self.fineweb = (
+            gopher_repetition,
+            gopher_quality,
+            c4,
+            fineweb,
+        )
+
+    def setup(self):
+        from cpt.pipelines.text import quality
+
+        self._q = quality
+
+    def __call__(self, doc: dict) -> str | None:
+        q, text = self._q, doc["text"]
+        reason = (self.gopher_repetition and q.check_gopher_repetition(text)) or (
+            self.gopher_quality and q.check_gopher_quality(text)
+        )
+        if reason:
+            return reason
+        if self.c4:
+            cleaned, reason = q.c4_lines(text)
+            if reason:
+                return reason
+            doc["text"] = text = cleaned
+        return (self.fineweb and q.check_fineweb_lines(text)) or None
+
+
 class CodeStep:
     """Python source quality: parses (ast, never exec), comment ratio, line length, size."""
 

@@ -12,9 +12,14 @@ from cpt.pipelines.text.filters import check_code, check_length
 from cpt.pipelines.text.html import html_to_text, sniff_html
 from cpt.pipelines.text.language import check_language, detect_language, language_reason
 from cpt.pipelines.text.pii import PII_TYPES, mask_pii
+from cpt.pipelines.text.quality import c4_lines, check_fineweb_lines, check_gopher_quality, check_gopher_repetition
 
 __all__ = [
     "PII_TYPES",
+    "c4_lines",
+    "check_fineweb_lines",
+    "check_gopher_quality",
+    "check_gopher_repetition",
     "check_code",
     "check_language",
     "check_length",

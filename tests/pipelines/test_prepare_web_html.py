@@ -78,3 +78,28 @@ def test_html_field_reads_that_column_and_the_text_preset_reports_html_it_does_n
     assert all(MARKUP.search(t) is None for t in datasets.load_from_disk(str(tmp_path / "a"))["text"])
     assert as_text["html"] == {"not_cleaned": len(pages)}
     assert any("look like HTML but were not cleaned" in note for note in as_text["notes"])
+
+
+@pytest.mark.slow
+def test_quality_reasons_are_listed_with_samples_by_cpt_inspect(tmp_path, capsys):
+    from cpt.pipelines.inspect import main as inspect_main
+    from tests.pipelines.quality_corpus import documents
+
+    docs = documents()
+    records = [{"id": f"{kind}-{i}", "text": text} for i, (kind, text) in enumerate(docs)]
+    out = tmp_path / "out"
+    config = tmp_path / "quality.yaml"
+    config.write_text("steps: [html, pii, length, quality, dedup]\n")
+    manifest = prepare(
+        "--input", write_jsonl(tmp_path / "q.jsonl", records), "--output", out, "--preset", "web",
+        "--config", config, "--min-chars", 50,
+    )  # fmt: skip
+    capsys.readouterr()
+
+    assert inspect_main([str(out), "--rejected", "--n", "1"]) == 0
+    shown = capsys.readouterr().out
+    reasons = [r for r in manifest["counts"]["rejected"] if r.startswith(("gopher_", "c4_", "fineweb_"))]
+    assert len(reasons) >= 5 and manifest["counts"]["kept"] > 0
+    for reason in reasons:
+        assert f"rejected as {reason} ({manifest['counts']['rejected'][reason]}):" in shown
+        assert f"reason={reason} " in shown
