@@ -127,7 +127,9 @@ _IPV6 = re.compile(
     rf"{_OCTET}(?:\.{_OCTET}){{3}}))(?:%[A-Za-z0-9]+)?(?:/(?:12[0-8]|1[01]\d|[1-9]?\d))?(?![\w:]|\.\d)"
 )
 _VERSION_CONTEXT = re.compile(
-    r"(?:(?:version|ver\.?|release|build)\w*[\"']?\s*[:=]?\s*[\"']?|(?:[=<>~!]=|\^|~)\s*)$", re.IGNORECASE
+    # A whole word (`__version__` too): `nameserver`, `driver` and `server` end in "ver" but name machines.
+    r"(?:(?<![A-Za-z0-9])(?:version|ver|release|build)(?:s|ed|\.|_+)?[\"']?\s*[:=]?\s*[\"']?|(?:[=<>~!]=|\^|~)\s*)$",
+    re.IGNORECASE,
 )
 
 
