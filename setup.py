@@ -32,6 +32,9 @@ PINS = {
     "fasttext-predict": "0.9.2.4",
     "trafilatura": "2.3.1",
     "lxml-html-clean": "0.4.6",
+    # Peers for comparison tests only (not in `all`: spaCy is large); tests skip without them.
+    "datatrove": "0.10.1",
+    "spacy": "3.8.18",
     "tensorboard": "2.21.0",
     "matplotlib": "3.11.2",
     "dask": "2026.8.0",
@@ -73,6 +76,7 @@ EXTRAS = {
     + [f"moto[s3,server]=={PINS['moto']}"],
 }
 EXTRAS["all"] = sorted({req for reqs in EXTRAS.values() for req in reqs})
+EXTRAS["peers"] = pinned("datatrove", "spacy")
 
 ROOTS = {"pipelines": "cpt.pipelines", "trainer": "cpt.trainer", "shared": "cpt.shared"}
 packages = []
