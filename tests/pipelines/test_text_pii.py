@@ -177,3 +177,12 @@ def test_evaluation_set_precision_and_recall_per_type():
 )
 def test_the_version_context_is_a_whole_word(text, expected):
     assert mask_pii(text)[0] == expected
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["mail a@xn--d1acufc.xn--p1ai now", "mail иван@пример.рф now", "mail jane+news@example.com now",
+     "mail o'brien@example.ie now"],
+)  # fmt: skip
+def test_idn_punycode_tagged_and_apostrophe_emails_are_masked(text):
+    assert mask_pii(text)[0] == "mail [EMAIL] now"
