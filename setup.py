@@ -26,6 +26,13 @@ PINS = {
     "resiliparse": "2.0.1",
     "langdetect": "1.0.9",
     "datasketch": "2.0.0",
+    # trafilatura for html mode "trafilatura" (lxml split out its cleaner into lxml-html-clean).
+    "trafilatura": "2.3.1",
+    "lxml-html-clean": "0.4.6",
+    # Peers for comparison: datatrove comes with `bench` (in `all`); spaCy, which datatrove's English word
+    # tokenizer needs for the quality-agreement test, only with `peers` (large; the test skips without it).
+    "datatrove": "0.10.1",
+    "spacy": "3.8.18",
     "tensorboard": "2.21.0",
     "matplotlib": "3.11.2",
     "dask": "2026.8.0",
@@ -45,9 +52,6 @@ PINS = {
     "moto": "5.2.5",
     # `make bench ARGS=prepare` runs datatrove side by side (trafilatura needs lxml's html cleaner, datatrove's
     # JSONL writer orjson) and reads peak RSS with psutil.
-    "datatrove": "0.10.1",
-    "trafilatura": "2.3.1",
-    "lxml-html-clean": "0.4.6",
     "orjson": "3.13.0",
     "psutil": "7.2.2",
 }
@@ -66,6 +70,7 @@ EXTRAS = {
         "apache-beam", "resiliparse", "langdetect", "datasketch", "transformers", "tokenizers", "huggingface-hub"
     )
     + [TORCH],
+    "trafilatura": pinned("trafilatura", "lxml-html-clean"),
     "train": [TORCH]
     + pinned("transformers", "tokenizers", "huggingface-hub", "safetensors", "tensorboard", "matplotlib"),
     "dask": pinned("dask", "distributed"),
@@ -75,6 +80,7 @@ EXTRAS = {
     "bench": pinned("datatrove", "trafilatura", "lxml-html-clean", "orjson", "psutil"),
 }
 EXTRAS["all"] = sorted({req for reqs in EXTRAS.values() for req in reqs})
+EXTRAS["peers"] = pinned("datatrove", "spacy")
 
 ROOTS = {"pipelines": "cpt.pipelines", "trainer": "cpt.trainer", "shared": "cpt.shared"}
 packages = []

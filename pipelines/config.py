@@ -13,9 +13,11 @@ from pathlib import Path
 from cpt.shared.config import ConfigError, load_config, read_yaml
 
 PRESETS_DIR = Path(__file__).parent / "presets"
-STEPS = ("html", "pii", "length", "language", "perplexity", "code", "dedup", "near_dedup", "decontaminate")
+STEPS = (
+    "html", "pii", "length", "language", "quality", "perplexity", "code", "dedup", "near_dedup", "decontaminate"
+)  # fmt: skip
 # Steps that can reject a document (html and pii only rewrite the text).
-REJECTING_STEPS = ("length", "language", "perplexity", "code", "dedup", "near_dedup", "decontaminate")
+REJECTING_STEPS = ("length", "language", "quality", "perplexity", "code", "dedup", "near_dedup", "decontaminate")
 FORMATS = ("jsonl", "parquet", "arrow", "text", "html", "code")
 
 
@@ -53,6 +55,37 @@ class FilterConfig:
         if not self.langs:
             out.append("langs: list at least one language, or --skip language")
         return out
+
+
+@dataclass
+class HtmlConfig:
+    mode: str = "full"
+    """main (main content: drops menus, link lists, comments, banners), full (the whole page minus chrome) or
+    trafilatura (the trafilatura extra: slowest, most precise)."""
+    sniff: bool = False
+    """Also clean JSONL / Parquet / Arrow records whose text looks like an HTML document (doctype, <html>/<body>
+    root, or markup density); the web preset turns this on."""
+
+    def problems(self) -> list[str]:
+        from cpt.pipelines.text.html import HTML_MODES
+
+        if self.mode not in HTML_MODES:
+            return [f"html.mode: unknown mode {self.mode!r}; choose one of {', '.join(HTML_MODES)}"]
+        return []
+
+
+@dataclass
+class QualityConfig:
+    """Which document-quality rule sets the quality step runs (thresholds: the published defaults)."""
+
+    gopher_repetition: bool = True
+    """Duplicate lines/paragraphs and repeated n-grams (gopher_repetition_* reasons)."""
+    gopher_quality: bool = False
+    """Word count, word length, symbols, bullets, alphabetic words, stop words (gopher_* reasons)."""
+    c4: bool = False
+    """C4's line filter (removes javascript/cookie/short lines, keeps code) and its lorem/bracket/sentence rules."""
+    fineweb: bool = False
+    """FineWeb's line rules (fineweb_* reasons)."""
 
 
 @dataclass
@@ -198,6 +231,8 @@ class PrepareConfig:
     """The id column; records without it get an id from their source file and line."""
     records_are_html: bool = False
     """JSONL / Parquet / Arrow records hold HTML (a crawl dump): the html step cleans them too."""
+    html_field: str | None = None
+    """The records' HTML column (--html-field): read instead of text_field, and always cleaned as HTML."""
     tokenizer: str | None = None
     """Tokenizer folder: adds input_ids / n_tokens and records the tokenizer's sha256."""
     num_shards: int = 4
@@ -208,6 +243,8 @@ class PrepareConfig:
     """The raw record kept in a dead letter is truncated to this many bytes."""
     pii: PIIConfig = field(default_factory=PIIConfig)
     filters: FilterConfig = field(default_factory=FilterConfig)
+    html: HtmlConfig = field(default_factory=HtmlConfig)
+    quality: QualityConfig = field(default_factory=QualityConfig)
     code: CodeConfig = field(default_factory=CodeConfig)
     perplexity: PerplexityConfig = field(default_factory=PerplexityConfig)
     near_dedup: NearDedupConfig = field(default_factory=NearDedupConfig)
@@ -240,10 +277,16 @@ class PrepareConfig:
                 )
         return out
 
+    def record_text_field(self) -> str:
+        """The column records are read from: the HTML column when --html-field is given."""
+        return self.html_field or self.text_field
+
     def active_steps(self) -> list[str]:
         """The steps that run: the configured ones minus --skip, minus perplexity without a model and decontaminate
         without eval datasets."""
         steps = [s for s in self.steps if s not in self.skip]
+        if self.html_field and "html" not in steps and "html" not in self.skip:
+            steps.insert(0, "html")  # the user said the column is HTML: it is cleaned whatever the preset
         if "perplexity" in steps and not self.perplexity.model:
             steps.remove("perplexity")
         if "decontaminate" in steps and not self.decontaminate.datasets:

@@ -32,6 +32,8 @@ def manifest_lines(manifest: dict) -> list[str]:
         f"rejected {sum(counts['rejected'].values())}, dead_letter {counts['dead_letter']}"
     )
     lines += [f"  rejected {reason}: {n}" for reason, n in counts["rejected"].items()]
+    if manifest.get("html"):
+        lines.append("html: " + ", ".join(f"{why} {n}" for why, n in manifest["html"].items()))
     lines += [f"note: {note}" for note in manifest.get("notes", [])]
     if "near_dedup" in manifest:
         lines += [line[2:] for line in near_dedup_lines(manifest["near_dedup"])]

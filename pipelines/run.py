@@ -1,7 +1,7 @@
 """`cpt prepare`: raw text / HTML / code -> a prepared dataset (sharded Arrow + manifest), on any Beam runner.
 
-    read -> html -> pii -> length -> language -> perplexity -> code -> dedup -> near_dedup -> decontaminate
-         -> tokenize -> write shards
+    read -> html -> pii -> length -> language -> quality -> perplexity -> code -> dedup -> near_dedup
+         -> decontaminate -> tokenize -> write shards
 
 The launcher validates everything a user can get wrong before any work starts, resolves the input
 files, cleans a previous run, runs the pipeline, checks the accounting and writes the manifest last.
@@ -42,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--domain")
     p.add_argument("--format", choices=["jsonl", "parquet", "arrow", "text", "html", "code"])
     p.add_argument("--text-field")
+    p.add_argument("--html-field", help="records' HTML column: read instead of --text-field and cleaned as HTML")
     p.add_argument("--id-field")
     p.add_argument("--skip", nargs="+", metavar="STEP", help=f"steps to leave out: {' '.join(STEPS)}")
     p.add_argument("--lang", nargs="+", help="languages to keep (default en)")
@@ -78,6 +79,7 @@ def flags_to_dict(args: argparse.Namespace) -> dict:
         ("format",): args.format,
         ("text_field",): args.text_field,
         ("id_field",): args.id_field,
+        ("html_field",): args.html_field,
         ("skip",): args.skip,
         ("tokenizer",): args.tokenizer,
         ("num_shards",): args.num_shards,
@@ -139,14 +141,18 @@ def build_pipeline(p, cfg: PrepareConfig, files):
     from cpt.pipelines.io import ReaderConfig, ReadInputs
     from cpt.pipelines.write import CountInputs, WriteDataset, WriteRunSummary
 
-    reader = ReaderConfig(cfg.text_field, cfg.id_field, cfg.max_bytes, cfg.dead_letter_max_bytes)
+    reader = ReaderConfig(cfg.record_text_field(), cfg.id_field, cfg.max_bytes, cfg.dead_letter_max_bytes)
     records = p | "Read" >> ReadInputs(files, reader)
     input_count = records | "CountInputs" >> CountInputs()
     f = cfg.filters
     docs = records
+    if "html" not in cfg.active_steps():
+        # Nothing cleans HTML in this run: count what looks like it, so the summary can say so.
+        docs = docs | "SniffHTML" >> t.ApplyStep("html_sniff", t.HtmlSniffStep())
     for step in cfg.active_steps():
         if step == "html":
-            docs = docs | "CleanHTML" >> t.ApplyStep("html", t.HtmlStep(cfg.records_are_html))
+            html = t.HtmlStep(cfg.records_are_html or cfg.html_field is not None, cfg.html.sniff, cfg.html.mode)
+            docs = docs | "CleanHTML" >> t.ApplyStep("html", html)
         elif step == "pii":
             docs = docs | "MaskPII" >> t.ApplyStep("pii", t.PiiStep(cfg.pii.secrets))
         elif step == "length":
@@ -154,6 +160,10 @@ def build_pipeline(p, cfg: PrepareConfig, files):
         elif step == "language":
             lang = t.LanguageStep(f.langs, f.min_lang_prob, f.lang_max_chars)
             docs = docs | "Language" >> t.ApplyStep("language", lang)
+        elif step == "quality":
+            q = cfg.quality
+            quality = t.QualityStep(q.gopher_repetition, q.gopher_quality, q.c4, q.fineweb)
+            docs = docs | "Quality" >> t.ApplyStep("quality", quality)
         elif step == "code":
             code = t.CodeStep(f.min_chars, f.max_chars, cfg.code.max_comment_ratio, cfg.code.max_line_length)
             docs = docs | "Code" >> t.ApplyStep("code", code)
@@ -272,6 +282,8 @@ def summary_text(cfg: PrepareConfig, counts: dict, seconds: float, input_bytes: 
         from cpt.pipelines.inspect import near_dedup_lines
 
         lines += near_dedup_lines(manifest["near_dedup"])
+    if manifest.get("html"):
+        lines.append("  html:        " + ", ".join(f"{why} {n}" for why, n in manifest["html"].items()))
     tokens = [s["tokens"] for s in manifest["shards"] if s["tokens"] is not None]
     if tokens:
         lines.append(f"  tokens:      {sum(tokens)}")
@@ -280,6 +292,17 @@ def summary_text(cfg: PrepareConfig, counts: dict, seconds: float, input_bytes: 
         lines += ["  beam counters:", *metrics]
     lines.append(f"  output: {cfg.output} ({len(manifest['shards'])} shards; rejected/ and dead_letter/ beside them)")
     return "\n".join(lines)
+
+
+def html_notes(html: dict) -> list[str]:
+    """Say so when records looked like HTML but no step cleaned them (they are kept as text, markup and all)."""
+    n = html.get("not_cleaned", 0)
+    if not n:
+        return []
+    return [
+        f"{n} records look like HTML but were not cleaned (this preset has no html step): "
+        "use --preset web, --html-field NAME, or add html to steps"
+    ]
 
 
 def prepare(cfg: PrepareConfig, beam_args: list[str], quiet: bool = False, workers: int | None = None) -> dict:
@@ -316,7 +339,10 @@ def prepare(cfg: PrepareConfig, beam_args: list[str], quiet: bool = False, worke
     seconds = time.perf_counter() - started
     summary = read_run_summary(cfg.output)
     counts = counts_from_summary(summary, cfg.num_shards)
-    manifest = {**base_manifest(cfg, files, notes), "counts": counts}
+    # Records treated as HTML, by why: beside the counts, which stay input = kept + rejected + dead_letter.
+    html = counts.pop("html", {})
+    notes += html_notes(html)
+    manifest = {**base_manifest(cfg, files, notes), "counts": counts, "html": html}
     if "near_dedup" in cfg.active_steps():
         from cpt.pipelines.near_dedup import merge_stats
 

@@ -96,23 +96,54 @@ class ApplyStep(beam.PTransform):
 # ---- steps: thin adapters from the document dict to the pure text functions ----
 
 
-class HtmlStep:
-    """HTML -> text, only for documents that came as HTML: .html files, and records when configured so.
+#: Record formats (one document per record, the text from a column) as opposed to one-document files.
+RECORD_FORMATS = ("jsonl", "parquet", "arrow")
 
-    Text and code are never parsed as HTML: that would damage `if a < b and c > d:`.
+
+class HtmlStep:
+    """HTML -> text for documents that are HTML, noting why in `doc["html"]` (counted in the manifest).
+
+    .html files ("file"); records when the input says so ("field": --html-field or records_are_html); other
+    records whose text sniffs as an HTML document when `sniff` is on ("doctype", "html_root",
+    "markup_density"). Text and code files are never parsed as HTML: that would damage `if a < b and c > d:`.
     """
 
-    def __init__(self, records_are_html: bool = False):
-        self.formats = ("html", "jsonl", "parquet", "arrow") if records_are_html else ("html",)
+    def __init__(self, records_are_html: bool = False, sniff: bool = False, mode: str = "full"):
+        self.records_are_html, self.sniff, self.mode = records_are_html, sniff, mode
 
     def setup(self):
-        from cpt.pipelines.text import html_to_text
+        from cpt.pipelines.text import html_to_text, sniff_html
 
-        self._html_to_text = html_to_text
+        self._html_to_text, self._sniff = html_to_text, sniff_html
+
+    def why_html(self, doc: dict) -> str | None:
+        if doc["format"] == "html":
+            return "file"
+        if doc["format"] not in RECORD_FORMATS:
+            return None
+        if self.records_are_html:
+            return "field"
+        return self._sniff(doc["text"]) if self.sniff else None
 
     def __call__(self, doc: dict) -> None:
-        if doc["format"] in self.formats:
-            doc["text"] = self._html_to_text(doc["text"])
+        why = self.why_html(doc)
+        if why is not None:
+            doc["html"] = why
+            doc["text"] = self._html_to_text(doc["text"], mode=self.mode)
+        return None
+
+
+class HtmlSniffStep:
+    """Runs when no step cleans HTML: marks records that look like HTML (`doc["html"] = "not_cleaned"`)."""
+
+    def setup(self):
+        from cpt.pipelines.text import sniff_html
+
+        self._sniff = sniff_html
+
+    def __call__(self, doc: dict) -> None:
+        if doc["format"] in RECORD_FORMATS + ("html",) and self._sniff(doc["text"]) is not None:
+            doc["html"] = "not_cleaned"
         return None
 
 
@@ -162,6 +193,37 @@ class LanguageStep:
         lang, prob = self._detect(doc["text"], max_chars=self.max_chars)
         doc["lang"], doc["lang_prob"] = lang, prob
         return self._reason(lang, prob, langs=self.langs, min_prob=self.min_prob)
+
+
+class QualityStep:
+    """The Gopher repetition, Gopher quality, C4 and FineWeb rules that are switched on, in that order."""
+
+    def __init__(self, gopher_repetition: bool, gopher_quality: bool, c4: bool, fineweb: bool):
+        self.gopher_repetition, self.gopher_quality, self.c4, self.fineweb = (
+            gopher_repetition,
+            gopher_quality,
+            c4,
+            fineweb,
+        )
+
+    def setup(self):
+        from cpt.pipelines.text import quality
+
+        self._q = quality
+
+    def __call__(self, doc: dict) -> str | None:
+        q, text = self._q, doc["text"]
+        reason = (self.gopher_repetition and q.check_gopher_repetition(text)) or (
+            self.gopher_quality and q.check_gopher_quality(text)
+        )
+        if reason:
+            return reason
+        if self.c4:
+            cleaned, reason = q.c4_lines(text)
+            if reason:
+                return reason
+            doc["text"] = text = cleaned
+        return (self.fineweb and q.check_fineweb_lines(text)) or None
 
 
 class CodeStep:

@@ -91,6 +91,7 @@ class WriteShardDoFn(beam.DoFn):
             # Which step dead-lettered each record ("read": the reader's size/decoding/JSON guards).
             "dead_letter_steps": dict(Counter(d.get("dead_step") or "read" for d in dead)),
             "near_dedup": near_dedup_stats(records),
+            "html": dict(Counter(r["html"] for r in records if r.get("html"))),
         }
 
 
@@ -212,6 +213,10 @@ def counts_from_summary(summary: dict, num_shards: int) -> dict:
         "rejected": dict(sorted(reasons.items())),
         "dead_letter": sum(s["dead_letter"] for s in shards),
     }
+    # Records treated as HTML, by why (file, field, doctype, html_root, markup_density), or "not_cleaned".
+    html = sum((Counter(s.get("html", {})) for s in shards), Counter())
+    if html:
+        counts["html"] = dict(sorted(html.items()))
     accounted = counts["kept"] + sum(reasons.values()) + counts["dead_letter"]
     if accounted != counts["input"]:
         raise AccountingError(

@@ -9,12 +9,17 @@ Filters return a rejection reason (a short string) or None to keep the document.
 
 from cpt.pipelines.text.dedup import dedup_key, normalize_for_dedup
 from cpt.pipelines.text.filters import check_code, check_length
-from cpt.pipelines.text.html import html_to_text
+from cpt.pipelines.text.html import html_to_text, sniff_html
 from cpt.pipelines.text.language import check_language, detect_language, language_reason
 from cpt.pipelines.text.pii import PII_TYPES, mask_pii
+from cpt.pipelines.text.quality import c4_lines, check_fineweb_lines, check_gopher_quality, check_gopher_repetition
 
 __all__ = [
     "PII_TYPES",
+    "c4_lines",
+    "check_fineweb_lines",
+    "check_gopher_quality",
+    "check_gopher_repetition",
     "check_code",
     "check_language",
     "check_length",
@@ -24,4 +29,5 @@ __all__ = [
     "language_reason",
     "mask_pii",
     "normalize_for_dedup",
+    "sniff_html",
 ]

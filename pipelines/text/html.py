@@ -54,6 +54,10 @@ _CODE_OUTSIDE_PRE_AND_P = "code:not(pre *):not(p *)"
 _CODE_WALK_PRUNED = frozenset({"pre", "p", "script", "style", "template", "svg", "math"})
 
 
+#: The extraction modes of html_to_text.
+HTML_MODES = ("full", "main", "trafilatura")
+
+
 def _strip_crowded_tags(html: str) -> str:
     """Drop the attributes of start tags that have more than MAX_ATTRIBUTES (keeps parsing linear)."""
     return _CROWDED_TAG.sub(r"<\1 ", html)
@@ -107,8 +111,12 @@ def _normalise_whitespace(text: str) -> str:
     return _BLANK_LINES.sub("\n\n", text).strip("\n")
 
 
-def html_to_text(html: str) -> str:
+def html_to_text(html: str, mode: str = "full") -> str:
     """The readable text of an HTML page; never raises, returns "" when there is none.
+
+    `mode` chooses how much of the page: "full" (everything but DROPPED_ELEMENTS), "main" (the main content:
+    resiliparse's boilerplate removal drops menus, link lists, related-article blocks, comment sections and
+    banners as well), or "trafilatura" (the trafilatura library, the `trafilatura` extra: slower, most precise).
 
     Keeps headings, paragraphs, list items (with bullets), table cells (tab-separated) and `pre`/code
     blocks with their line breaks and indentation; drops DROPPED_ELEMENTS; decodes entities. Block
@@ -116,6 +124,10 @@ def html_to_text(html: str) -> str:
     """
     if not isinstance(html, str):
         raise TypeError(f"html_to_text expects str, got {type(html).__name__}: decode bytes first")
+    if mode not in HTML_MODES:
+        raise ValueError(f"html_to_text: unknown mode {mode!r}; choose one of {', '.join(HTML_MODES)}")
+    if mode == "trafilatura":
+        return _trafilatura_text(html)
     # Lone surrogates (text decoded with errors="surrogateescape") cannot be handed to the C parser.
     html = html.encode("utf-8", "replace").decode("utf-8")
     try:
@@ -124,7 +136,7 @@ def html_to_text(html: str) -> str:
         text = extract_plain_text(
             tree,
             preserve_formatting=True,
-            main_content=False,
+            main_content=mode == "main",
             list_bullets=True,
             alt_texts=False,
             links=False,
@@ -135,3 +147,55 @@ def html_to_text(html: str) -> str:
     except Exception:  # the contract is "text or empty": a parser failure on one page means no text
         return ""
     return _normalise_whitespace(text)
+
+
+def _trafilatura_text(html: str) -> str:
+    """trafilatura's main text (tables and comments excluded as in its defaults, formatting kept)."""
+    try:
+        import trafilatura
+    except ImportError as err:
+        raise ImportError(
+            "html mode 'trafilatura' needs the trafilatura extra: pip install 'cpt[trafilatura]'"
+        ) from err
+    html = html.encode("utf-8", "replace").decode("utf-8")
+    try:
+        text = trafilatura.extract(html, include_comments=False, include_tables=True, deduplicate=False)
+    except Exception:  # same contract as the other modes: a failure on one page means no text
+        return ""
+    return _normalise_whitespace(text or "")
+
+
+# A document starts like an HTML page: optional BOM, whitespace and comments, then a doctype or an <html>,
+# <head> or <body> tag.
+_HTML_START = re.compile(
+    r"\A\ufeff?\s*(?:<!--.*?-->\s*)*<(!doctype\s+html|html|head|body)\b", re.IGNORECASE | re.DOTALL
+)
+# Tags of the HTML vocabulary only: `a < b > c` or `List<String>` in code never match.
+_HTML_TAG = re.compile(
+    r"</?(?:a|abbr|article|b|blockquote|body|br|code|div|em|footer|form|h[1-6]|head|header|hr|html|i|img|input|"
+    r"label|li|link|main|meta|nav|ol|p|pre|script|section|span|strong|style|table|td|th|tr|ul)\b[^<>]{0,2000}>",
+    re.IGNORECASE,
+)
+#: sniff_html reads this many leading characters: enough for a page's head and first blocks.
+SNIFF_CHARS = 20_000
+#: Markup density: at least this many HTML tags in the sniffed part ...
+SNIFF_MIN_TAGS = 10
+#: ... that cover at least this share of its characters.
+SNIFF_MIN_MARKUP_SHARE = 0.2
+
+
+def sniff_html(text: str) -> str | None:
+    """Why `text` is an HTML document ("doctype", "html_root", "markup_density"), or None for plain text or code.
+
+    "doctype" / "html_root": it opens with `<!DOCTYPE html>` or an `<html>`/`<head>`/`<body>` tag (after
+    whitespace and comments); "markup_density": its first SNIFF_CHARS characters hold SNIFF_MIN_TAGS or more
+    HTML tags that make up at least SNIFF_MIN_MARKUP_SHARE of them (a fragment without a root).
+    """
+    head = text[:SNIFF_CHARS]
+    start = _HTML_START.match(head)
+    if start is not None:
+        return "doctype" if start.group(1).lower().startswith("!") else "html_root"
+    tags = _HTML_TAG.findall(head)
+    if len(tags) >= SNIFF_MIN_TAGS and sum(map(len, tags)) >= SNIFF_MIN_MARKUP_SHARE * len(head):
+        return "markup_density"
+    return None

@@ -107,7 +107,8 @@ _EMAIL = re.compile(
     # The local part starts with a letter or digit, so a quote or bracket around an address stays outside it;
     # it is at most 64 characters (RFC 5321), which also keeps `a=a=a=...` from being rescanned at every letter.
     r"(?<![\w.%+-])\w[\w.%+'-]{0,63}(?<!\.)"
-    r"@(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+(?P<tld>[A-Za-z]{2,24})"
+    # Domain labels may be internationalised (`пример.рф`) or punycode (`xn--d1acufc.xn--p1ai`).
+    r"@(?:[^\W_](?:[\w-]{0,61}[^\W_])?\.)+(?P<tld>[^\W\d_]{2,24}|xn--[A-Za-z0-9-]{1,59})"
     r"(?![\w-]|\.[A-Za-z0-9])"
 )
 # `logo@2x.png` is an image name in web code, not an address.
@@ -127,7 +128,9 @@ _IPV6 = re.compile(
     rf"{_OCTET}(?:\.{_OCTET}){{3}}))(?:%[A-Za-z0-9]+)?(?:/(?:12[0-8]|1[01]\d|[1-9]?\d))?(?![\w:]|\.\d)"
 )
 _VERSION_CONTEXT = re.compile(
-    r"(?:(?:version|ver\.?|release|build)\w*[\"']?\s*[:=]?\s*[\"']?|(?:[=<>~!]=|\^|~)\s*)$", re.IGNORECASE
+    # A whole word (`__version__` too): `nameserver`, `driver` and `server` end in "ver" but name machines.
+    r"(?:(?<![A-Za-z0-9])(?:version|ver|release|build)(?:s|ed|\.|_+)?[\"']?\s*[:=]?\s*[\"']?|(?:[=<>~!]=|\^|~)\s*)$",
+    re.IGNORECASE,
 )
 
 

@@ -7,7 +7,7 @@ import pydoc
 
 import pytest
 
-from cpt.pipelines.text import html_to_text
+from cpt.pipelines.text import html_to_text, sniff_html
 
 
 def pydoc_page(module) -> str:
@@ -162,3 +162,80 @@ def test_thousands_of_code_elements_are_marked_in_one_walk():
 
     assert lines[:4] == ["  \u2022 a", "b", "    and c", "  \u2022 a"]
     assert lines.count("b") == 5000 and lines.count("x") == 5000
+
+
+ARTICLE_PAGE = """<!DOCTYPE html><html><head><title>T</title></head><body>
+<div class="menu"><a href="/">Home</a> <a href="/news">News</a> <a href="/sport">Sport</a> <a href="/tv">TV</a></div>
+<div class="cookie">We use cookies. <a href="/p">Accept</a> <a href="/q">Settings</a></div>
+<div class="content"><h1>Closures in Rust</h1>
+<p>A closure is an anonymous function that can capture values from the scope in which it is defined, which makes
+it a convenient way to pass behaviour to iterator adapters and threads without writing a named function.</p>
+<pre><code>let add_one = |x: u32| -> u32 {
+    x + 1
+};</code></pre>
+<p>The compiler infers the parameter and return types of most closures from how they are used, so annotations are
+optional in the common case and required only where the use does not pin the types down.</p></div>
+<div class="related"><a href="/1">Ten things about Go</a><br><a href="/2">Why C is fast</a><br>
+<a href="/3">Kotlin tips</a><br><a href="/4">More Rust</a></div>
+</body></html>"""
+
+
+def test_main_mode_drops_menus_banners_and_link_lists_and_keeps_headings_prose_and_code():
+    text = html_to_text(ARTICLE_PAGE, mode="main")
+
+    assert "Closures in Rust" in text.split("\n")
+    assert "let add_one = |x: u32| -> u32 {\n    x + 1\n};" in text
+    assert "anonymous function" in text and "compiler infers" in text
+    for chrome in ("Home", "cookies", "Ten things about Go", "Kotlin tips"):
+        assert chrome not in text
+    assert "Ten things about Go" in html_to_text(ARTICLE_PAGE, mode="full")
+
+
+def test_main_mode_keeps_a_pydoc_page_whole():
+    assert (
+        html_to_text(pydoc_page(json), mode="main").split("\n")[:1] == html_to_text(pydoc_page(json)).split("\n")[:1]
+    )
+    assert "    >>> import json" in html_to_text(pydoc_page(json), mode="main").split("\n")
+
+
+def test_trafilatura_mode_uses_the_library():
+    pytest.importorskip("trafilatura", reason="the trafilatura extra is not installed")
+
+    text = html_to_text(ARTICLE_PAGE, mode="trafilatura")
+
+    assert "anonymous function" in text and "Kotlin tips" not in text
+
+
+def test_an_unknown_mode_is_a_value_error_naming_the_modes():
+    with pytest.raises(ValueError, match="full, main, trafilatura"):
+        html_to_text("<p>x</p>", mode="readability")
+
+
+@pytest.mark.parametrize(
+    "text, why",
+    [
+        ("<!DOCTYPE html><html><body><p>x</p></body></html>", "doctype"),
+        ("\ufeff  <!-- saved --> <!doctype HTML>\n<p>x", "doctype"),
+        ("<html lang='en'><p>x</p></html>", "html_root"),
+        ("\n<body><p>x</p>", "html_root"),
+        ("<div><p>one</p><p>two</p></div>" * 5, "markup_density"),
+        ("if a < b and c > d: pass", None),
+        ("List<String> xs = new ArrayList<>(); Map<K, V> m;" * 20, None),
+        ("The <p> tag starts a paragraph and <br> breaks a line; write <b>bold</b> for bold. " * 3, None),
+        (open(__file__, encoding="utf-8").read(), None),  # Python source that quotes HTML
+    ],
+)
+def test_sniff_html_finds_documents_and_fragments_but_not_text_or_code(text, why):
+    assert sniff_html(text) == why
+
+
+def test_main_mode_is_more_precise_than_full_on_committed_benchmark_pages():
+    # Six pages of scrapinghub's article-extraction-benchmark (MIT), scored as the benchmark does.
+    from tests.bench.bench_extract import FIXTURE_DIR, load_pages, score
+
+    pages = load_pages(FIXTURE_DIR)
+    main = score(pages, [html_to_text(html, mode="main") for _, html, _ in pages])
+    full = score(pages, [html_to_text(html, mode="full") for _, html, _ in pages])
+
+    assert main["precision"] > full["precision"] + 0.1
+    assert main["f1"] > full["f1"] and main["f1"] > 0.85

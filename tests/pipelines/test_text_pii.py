@@ -161,3 +161,28 @@ def test_evaluation_set_precision_and_recall_per_type():
 
     for kind, score in scores.items():
         assert score["precision"] >= 0.95 and score["recall"] >= 0.95, (kind, score)
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("nameserver 203.0.113.7", "nameserver [IP]"),
+        ("connected to server 198.51.100.23", "connected to server [IP]"),
+        ("driver 10.20.30.40 failed", "driver [IP] failed"),
+        ("rebuild 10.20.30.40 now", "rebuild [IP] now"),
+        ("version 10.20.30.40", "version 10.20.30.40"),
+        ("__version__ = '4.2.10.1'", "__version__ = '4.2.10.1'"),
+        ("release: 2.10.3.4", "release: 2.10.3.4"),
+    ],
+)
+def test_the_version_context_is_a_whole_word(text, expected):
+    assert mask_pii(text)[0] == expected
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["mail a@xn--d1acufc.xn--p1ai now", "mail иван@пример.рф now", "mail jane+news@example.com now",
+     "mail o'brien@example.ie now"],
+)  # fmt: skip
+def test_idn_punycode_tagged_and_apostrophe_emails_are_masked(text):
+    assert mask_pii(text)[0] == "mail [EMAIL] now"
