@@ -30,8 +30,9 @@ import apache_beam as beam
 import numpy as np
 from apache_beam.metrics import Metrics
 
+from cpt.pipelines.faults import Faults
 from cpt.pipelines.text import normalize_for_dedup
-from cpt.pipelines.transforms import REJECTED, is_live
+from cpt.pipelines.transforms import REJECTED, dead_letter, is_live
 
 NEAR_DUPLICATE, CONTAMINATED = "near_duplicate", "contaminated"
 _WORD = re.compile(r"\w+")
@@ -216,6 +217,30 @@ class SignatureBands:
         return [(key, value) for key in band_keys(signature, self.bands, self.rows)]
 
 
+BANDS_FIELD = "_near_dedup_bands"  # the band keys travel with the document until the join strips them
+
+
+class SignDoc:
+    """Attach a live document's band keys, or dead-letter it when signing fails (one record, not the job)."""
+
+    def __init__(self, signer: SignatureBands, faults: Faults | None = None):
+        self.signer = signer
+        self.faults = Faults.from_env() if faults is None else faults
+
+    def __call__(self, doc: dict) -> dict:
+        if not is_live(doc):
+            return doc
+        try:
+            self.faults.check("near_dedup", doc["id"])
+            return {**doc, BANDS_FIELD: self.signer(doc)}
+        except Exception as err:  # noqa: BLE001 - as in FilterDoFn: a crash on one document dead-letters it
+            return dead_letter(doc, "near_dedup", repr(err))
+
+
+def strip_bands(doc: dict) -> dict:
+    return {k: v for k, v in doc.items() if k != BANDS_FIELD} if BANDS_FIELD in doc else doc
+
+
 _NEAR_DUPS = Metrics.counter("near_dedup", NEAR_DUPLICATE)
 _CONTAMINATED = Metrics.counter("decontaminate", CONTAMINATED)
 
@@ -273,9 +298,10 @@ class NearDedup(beam.PTransform):
         c = self.cfg
         bands, rows = c.lsh_params()
         verify = c.verify_threshold if c.verify else None
+        signed = docs | "Sign" >> beam.Map(SignDoc(SignatureBands(c.ngram, c.unit, c.num_perm, c.seed, bands, rows)))
         edges = (
-            docs
-            | "Signatures" >> beam.FlatMap(SignatureBands(c.ngram, c.unit, c.num_perm, c.seed, bands, rows))
+            signed
+            | "Signatures" >> beam.FlatMap(lambda d: d.get(BANDS_FIELD, ()))
             | "ByBand" >> beam.GroupByKey()
             | "Edges" >> beam.FlatMap(lambda item: band_edges(item[1], c.max_pairs_group, verify))
         )
@@ -284,7 +310,7 @@ class NearDedup(beam.PTransform):
             | "Components" >> beam.CombineGlobally(ComponentsFn())
             | "Labels" >> beam.FlatMap(lambda rows_: [(node, (root, size)) for node, root, size in rows_])
         )
-        return docs | "Join" >> JoinLabels(labels, _decide_near_dup)
+        return signed | "Strip" >> beam.Map(strip_bands) | "Join" >> JoinLabels(labels, _decide_near_dup)
 
 
 def eval_ngrams(url: str, ngram: int) -> list[tuple[int, str]]:
