@@ -96,6 +96,7 @@ setup(
             "data-check = cpt.trainer.data.check:main",
             "demo = cpt.shared.demo:main",
             "experiment = cpt.shared.experiment:main",
+            "merge = cpt.trainer.merge:main",
         ],
     },
 )
