@@ -185,7 +185,7 @@ def test_variants_share_one_token_budget_and_differ_in_mix():
     assert mixes["curriculum"][1] == {"type": "linear", "source": "code", "start": 0.5, "end": 0.9}
     regs = {v.name: variant_regularization(v) for v in VARIANTS}
     assert regs["kl"] == {"kl": {"weight": 1.0, "on": "all"}}
-    assert regs["ewc"] == {"ewc": {"weight": 1000.0, "source": "general_train"}}
+    assert regs["ewc"] == {"ewc": {"weight": 10.0, "source": "general_train"}}
     assert regs["domain-only"] is None
 
 

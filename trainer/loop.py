@@ -34,6 +34,7 @@ from cpt.shared.config import config_hash, to_dict
 from cpt.trainer import checkpoint as ckpt
 from cpt.trainer import distributed
 from cpt.trainer.config import RunConfig
+from cpt.trainer.data.sample import sampled_sequences
 from cpt.trainer.evaluate import evaluate
 from cpt.trainer.objectives import (
     IGNORE_INDEX,
@@ -338,9 +339,11 @@ def ewc_setup(cfg: RunConfig, model, tokenizer, autocast, world, eval_sequences,
     names = [s.name for s in cfg.data.sources]
     source = ewc_cfg.source or next((n for n in names if n != cfg.domain_source), "general")
     folder = {s.name: s.path for s in cfg.data.sources}.get(source) or cfg.eval.sets[source]
-    sequences = eval_sequences(folder, tokenizer, cfg.data.seq_len, ewc_cfg.fisher_samples)
+    sequences = sampled_sequences(folder, tokenizer, cfg.data.seq_len, ewc_cfg.fisher_samples, cfg.seed)
     objective = CausalLMObjective(model, chunk_size=cfg.train.loss_chunk_size)
-    fisher, seen = estimate_fisher(objective, sequences, autocast, world.rank, world.world_size)
+    fisher, seen = estimate_fisher(
+        objective, sequences, autocast, world.rank, world.world_size, kind=ewc_cfg.fisher, seed=cfg.seed
+    )
     if world.is_main:
         save_fisher(str(saved), fisher, seen, source)
     return fisher, anchor

@@ -14,6 +14,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100
+FISHER_FORMAT = "cpt-ewc-fisher-v2"
 
 
 def decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
@@ -126,7 +127,10 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def ewc_penalty(params: dict[str, torch.Tensor], fisher: dict[str, torch.Tensor], anchor: dict[str, torch.Tensor]):
-    """lambda-free EWC penalty sum_i F_i (theta_i - theta*_i)^2 (differentiable; this rank's shards under FSDP)."""
+    """lambda-free sum_i F_i (theta_i - theta*_i)^2 (differentiable; this rank's shards under FSDP).
+
+    The training objective adds (lambda / 2) times this, as in Kirkpatrick et al. 2017.
+    """
     total = None
     for name, p in params.items():
         term = (_local(fisher[name]) * (_local(p) - _local(anchor[name])) ** 2).sum()
@@ -138,7 +142,7 @@ def ewc_penalty(params: dict[str, torch.Tensor], fisher: dict[str, torch.Tensor]
 def add_ewc_gradient(
     params: dict[str, torch.Tensor], fisher: dict[str, torch.Tensor], anchor: dict[str, torch.Tensor], weight: float
 ) -> float:
-    """Add d/dtheta of weight * sum F (theta - theta*)^2 to each .grad in place; return this rank's penalty value.
+    """Add d/dtheta of (weight / 2) * sum F (theta - theta*)^2 to each .grad in place; return this rank's penalty.
 
     Added after the backward pass (and after DDP/FSDP gradient sync) rather than through autograd, so the
     penalty is counted exactly once per step whatever the world size and gradient accumulation.
@@ -151,49 +155,91 @@ def add_ewc_gradient(
         value = term if value is None else value + term  # a tensor: one host sync per step, not one per parameter
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-        _local(p.grad).add_(2.0 * weight * f * diff)
-    return weight * float(value) if value is not None else 0.0
+        _local(p.grad).add_(weight * f * diff)
+    return 0.5 * weight * float(value) if value is not None else 0.0
+
+
+FISHER_KINDS = ("empirical", "true")
+
+
+@torch.no_grad()
+def sample_labels(objective: CausalLMObjective, input_ids, position_ids, generator: torch.Generator) -> torch.Tensor:
+    """Labels drawn from the model's own next-token distribution (for the true Fisher); position 0 is ignored.
+
+    Chunked over positions like the loss, so B x T x V logits never exist at once.
+    """
+    decoder, head = decoder_and_head(objective.model)
+    hidden = decoder(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state[:, :-1]
+    labels = torch.full_like(input_ids, IGNORE_INDEX)
+    for start in range(0, hidden.shape[1], objective.chunk_size):
+        part = slice(start, start + objective.chunk_size)
+        probs = torch.softmax(head_logits(objective.model, head, hidden[:, part]), dim=-1)
+        draws = torch.multinomial(probs.flatten(0, 1).cpu(), 1, generator=generator).view(probs.shape[:2])
+        labels[:, 1:][:, part] = draws.to(labels.device)
+    return labels
 
 
 def estimate_fisher(
-    objective: CausalLMObjective, sequences: dict[str, torch.Tensor], autocast, rank: int = 0, world_size: int = 1
+    objective: CausalLMObjective,
+    sequences: dict[str, torch.Tensor],
+    autocast,
+    rank: int = 0,
+    world_size: int = 1,
+    kind: str = "empirical",
+    seed: int = 0,
 ) -> tuple[dict[str, torch.Tensor], int]:
-    """Diagonal empirical Fisher: the mean over sequences of the squared gradient of each one's mean token NLL.
+    """Diagonal Fisher per TOKEN: F = mean over target tokens t of (d NLL_t / d theta)^2; (F, sequences seen).
 
-    One sequence per backward, so F does not depend on the batch size or the number of ranks (the
-    sequences are split over ranks and the sums all-reduced). Divided by the number of sequences
-    actually seen, not by a requested count: the seed divided by `num_samples` even when the data ran
-    out first, shrinking the penalty.
+    A per-token mean, so F (and the lambda that suits it) depends neither on seq_len nor on the number of
+    sequences. kind="empirical" uses the data's own next tokens as labels; kind="true" draws each label
+    from the model's predictive distribution (the Fisher information proper, Kirkpatrick et al. 2017).
+
+    Exact per-token gradients would need one backward per token. Instead each sequence gets ONE backward
+    of sum_t eps_t * NLL_t with independent random signs eps_t = +-1 (seeded): the square of that gradient
+    is sum_t g_t^2 + sum_{t != s} eps_t eps_s g_t g_s, and the cross terms have expectation 0 because
+    E[eps_t eps_s] = 0, so (grad)^2 / tokens is an unbiased estimate of the per-token Fisher (a Hutchinson-
+    style trace trick; the plain sum without signs would add T * mean-gradient^2 and grow with seq_len).
+    The sequences are split over ranks and the sums all-reduced, so F does not depend on the world size.
     """
     import torch.distributed as dist
 
+    if kind not in FISHER_KINDS:
+        raise ValueError(f"regularization.ewc.fisher: {kind!r} is not one of {', '.join(FISHER_KINDS)}")
     params = trainable_parameters(objective.model)
     fisher = {name: torch.zeros_like(p) for name, p in params.items()}
     input_ids, position_ids = sequences["input_ids"], sequences["position_ids"]
-    labels = sequences.get("labels", input_ids)
+    data_labels = sequences.get("labels", input_ids)
     device = next(iter(params.values())).device
-    seen = 0
+    seen, tokens = 0, 0
     for i in range(rank, input_ids.shape[0], world_size):
+        # One generator per sequence: the same signs and labels for a sequence whatever the world size.
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + i)
         part = slice(i, i + 1)
-        objective.zero_grad(set_to_none=True)
+        ids, positions = input_ids[part].to(device), position_ids[part].to(device)
         with autocast():
-            nll, _ = objective(input_ids[part].to(device), position_ids[part].to(device), labels[part].to(device))
-        count = (labels[part][:, 1:] != IGNORE_INDEX).sum().clamp_min(1)
-        (nll.sum() / count.to(device)).backward()
+            labels = data_labels[part].to(device)
+            if kind == "true":
+                labels = sample_labels(objective, ids, positions, generator)
+            objective.zero_grad(set_to_none=True)
+            nll, _ = objective(ids, positions, labels)
+        mask = labels[:, 1:] != IGNORE_INDEX
+        signs = torch.randint(0, 2, nll.shape, generator=generator).to(device=device, dtype=nll.dtype) * 2 - 1
+        (nll * signs * mask).sum().backward()
         for name, p in params.items():
             if p.grad is not None:
                 fisher[name] += p.grad.detach() ** 2
         seen += 1
+        tokens += int(mask.sum())
     objective.zero_grad(set_to_none=True)
-    seen_t = torch.tensor(float(seen), device=device)
+    counts = torch.tensor([float(seen), float(tokens)], device=device)
     if world_size > 1:
         for tensor in fisher.values():
             dist.all_reduce(tensor)
-        dist.all_reduce(seen_t)
-    seen = int(seen_t.item())
-    if seen == 0:
-        raise ValueError("EWC: no sequences to estimate the Fisher information from; check regularization.ewc.source")
-    return {name: f / seen for name, f in fisher.items()}, seen
+        dist.all_reduce(counts)
+    seen, tokens = int(counts[0].item()), int(counts[1].item())
+    if tokens == 0:
+        raise ValueError("EWC: no tokens to estimate the Fisher information from; check regularization.ewc.source")
+    return {name: f / tokens for name, f in fisher.items()}, seen
 
 
 def save_fisher(path: str, fisher: dict[str, torch.Tensor], sequences: int, source: str) -> None:
@@ -204,14 +250,23 @@ def save_fisher(path: str, fisher: dict[str, torch.Tensor], sequences: int, sour
 
     tmp = f"{path}.tmp"
     tensors = {name: t.detach().float().cpu().contiguous() for name, t in fisher.items()}
-    save_file(tensors, tmp, metadata={"sequences": str(sequences), "source": source, "format": "cpt-ewc-fisher-v1"})
+    # v2: the Fisher is a per-token mean (v1 was per sequence of mean token NLL, seq_len-dependent).
+    save_file(tensors, tmp, metadata={"sequences": str(sequences), "source": source, "format": FISHER_FORMAT})
     os.replace(tmp, path)
 
 
 def load_fisher(path: str, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Read a Fisher file and check it covers exactly these parameters with the same shapes."""
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
+    with safe_open(path, framework="pt") as f:
+        made = (f.metadata() or {}).get("format")
+    if made != FISHER_FORMAT:
+        raise ValueError(
+            f"{path}: Fisher format {made!r}, not {FISHER_FORMAT!r} (older files are per sequence and scale with "
+            "seq_len); set regularization.ewc.fisher_path: null to re-estimate it"
+        )
     fisher = load_file(path)
     problems = []
     missing = sorted(set(params) - set(fisher))
