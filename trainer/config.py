@@ -165,6 +165,9 @@ class CheckpointConfig:
     """<eval set>_ppl to minimise for output_dir/best/; null = no best/."""
     max_general_ppl_increase: float | None = 0.05
     """best/ only accepts steps whose general_ppl <= (1 + this) * step-0 general_ppl; null = no constraint."""
+    branch_before_decay: bool = False
+    """wsd: also save output_dir/stable-checkpoint-STEP/ after the last stable step (never pruned), the state
+    a cooldown branch starts from (`cpt train --from-checkpoint DIR --set data.anneal...`)."""
 
     def problems(self) -> list[str]:
         found = []
@@ -243,6 +246,11 @@ class RunConfig:
             replay = [n for n in names if n != self.domain_source]
             if source is None and not replay and "general" not in self.eval.sets:
                 found.append("regularization.ewc: no general data for the Fisher; add a replay source")
+        wsd = self.train.lr_schedule == "wsd"
+        if self.data.anneal is not None and self.data.anneal.start == "decay" and not wsd:
+            found.append("data.anneal.start: decay needs train.lr_schedule: wsd (or give a fraction of the run)")
+        if self.checkpoint.branch_before_decay and not wsd:
+            found.append("checkpoint.branch_before_decay: needs train.lr_schedule: wsd (a stable phase to branch)")
         metric = self.checkpoint.best_metric
         if metric is not None and metric.removesuffix("_ppl") not in self.eval.sets:
             choices = [f"{n}_ppl" for n in self.eval.sets]
@@ -272,7 +280,7 @@ class RunConfig:
             found.append(f"regularization.ewc.fisher_path: {fisher} does not exist (null = estimate it)")
         if tokenizer_dir and Path(tokenizer_dir).is_dir():
             # Only datasets that exist: the missing ones are already listed (by DataConfig and above).
-            present = [s for s in self.data.sources if s is not None and has_manifest(s.path)]
+            present = [s for s in self.data.stream_sources() if s.path and has_manifest(s.path)]
             present += [SourceConfig(f"eval.sets.{n}", p) for n, p in self.eval.sets.items() if has_manifest(p)]
             found += check_sources(DataConfig(seq_len=self.data.seq_len, sources=present), str(tokenizer_dir))
         return found

@@ -31,8 +31,8 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from cpt.shared.config import config_hash, to_dict
+from cpt.trainer import anneal, distributed
 from cpt.trainer import checkpoint as ckpt
-from cpt.trainer import distributed
 from cpt.trainer.config import RunConfig
 from cpt.trainer.data.sample import sampled_sequences
 from cpt.trainer.evaluate import evaluate
@@ -124,16 +124,19 @@ def is_oom(err: BaseException) -> bool:
     return isinstance(err, RuntimeError) and ("can't allocate memory" in text or "not enough memory" in text)
 
 
-def train(cfg: RunConfig, resume: bool = False) -> TrainerState:
-    """Run (or resume) a CPT run described by `cfg`; returns the final counters."""
+def train(cfg: RunConfig, resume: bool = False, from_checkpoint: str | None = None) -> TrainerState:
+    """Run (or resume) a CPT run described by `cfg`; returns the final counters.
+
+    `from_checkpoint`: start a new run (a cooldown branch) in output_dir from another run's checkpoint.
+    """
     world = distributed.setup(cfg.train.device)
     try:
-        return _train(cfg, resume, world)
+        return _train(cfg, resume, world, from_checkpoint)
     finally:
         distributed.teardown()
 
 
-def _train(cfg: RunConfig, resume: bool, world: distributed.Dist) -> TrainerState:
+def _train(cfg: RunConfig, resume: bool, world: distributed.Dist, from_checkpoint: str | None = None) -> TrainerState:
     """Setup (model, reference, EWC, wrap, optimizer, data, resume), then the loop, then final/."""
     from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -145,6 +148,11 @@ def _train(cfg: RunConfig, resume: bool, world: distributed.Dist) -> TrainerStat
     out = Path(cfg.output_dir)
     main = world.is_main
     start = find_start(out, resume, world)
+    if from_checkpoint and start is None:
+        try:
+            start = anneal.branch_start(Path(from_checkpoint), out, main)
+        except ValueError as err:
+            raise TrainError(str(err)) from None
     if main:
         out.mkdir(parents=True, exist_ok=True)
         ckpt.remove_leftovers(out)
@@ -153,7 +161,7 @@ def _train(cfg: RunConfig, resume: bool, world: distributed.Dist) -> TrainerStat
     random.seed(cfg.seed)
     autocast = autocast_for(cfg.train.precision, world.device)
     total_steps = total_steps_for(cfg, world.world_size)
-    names = [s.name for s in cfg.data.sources]
+    names = [s.name for s in cfg.data.stream_sources()]
     domain_index = names.index(cfg.domain_source)
 
     # ---- model, reference, EWC anchor: all from `model:` (the starting weights), before any resume
@@ -195,7 +203,7 @@ def _train(cfg: RunConfig, resume: bool, world: distributed.Dist) -> TrainerStat
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: schedule(s) / cfg.train.lr)
     loader = MixtureLoader(
-        cfg.data,
+        anneal.resolve_anneal(cfg.data, cfg.train, total_steps),
         tokenizer,
         seed=cfg.seed,
         micro_batch_size=cfg.train.micro_batch_size,
@@ -210,6 +218,8 @@ def _train(cfg: RunConfig, resume: bool, world: distributed.Dist) -> TrainerStat
     state = TrainerState(tokens_per_source={n: 0 for n in names})
     if start is not None:
         state = restore(start, cfg, world, objective, optimizer, scheduler, loader)
+        # A cooldown branch may add anneal-only sources that its checkpoint never counted.
+        state.tokens_per_source = {n: state.tokens_per_source.get(n, 0) for n in names}
     log = RunLog(out, main, state.metrics_bytes, state.step if start is not None else None)
     trace = JsonlFile(out / TRACE, main and cfg.data.trace, state.trace_bytes)
     run = Run(cfg, world, out, model, objective, optimizer, scheduler, loader, tokenizer, state, log, trace, autocast)
@@ -221,6 +231,7 @@ def _train(cfg: RunConfig, resume: bool, world: distributed.Dist) -> TrainerStat
     bar = tqdm(total=total_steps, initial=state.step, disable=not main or None, desc="cpt train", unit="step")
     with_kl = reference is not None
     kl_sources = None if kl_cfg.on == "all" else [i for i in range(len(names)) if i != domain_index]
+    branch = anneal.branch_step(cfg, total_steps)
     while state.step < total_steps:
         started = time.perf_counter()
         micro = []
@@ -297,6 +308,8 @@ def _train(cfg: RunConfig, resume: bool, world: distributed.Dist) -> TrainerStat
             log.write(record)
         if state.step % cfg.checkpoint.every_steps == 0 or last:
             run.save_checkpoint()
+        if state.step == branch:
+            run.save_checkpoint(anneal.branch_name(state.step))
     bar.close()
     if state.step < total_steps:  # ended early (finite source): evaluate and checkpoint where it stopped
         if not state.evals or state.evals[-1]["step"] != state.step:
@@ -484,10 +497,11 @@ class Run:
             ckpt.publish(tmp, self.out / name)
         distributed.barrier(self.world)
 
-    def save_checkpoint(self) -> None:
-        """output_dir/checkpoint-STEP/, assembled in .tmp-checkpoint-STEP and renamed when complete."""
+    def save_checkpoint(self, name: str | None = None) -> None:
+        """output_dir/checkpoint-STEP/ (or NAME/, never pruned), assembled in .tmp-NAME and renamed when complete."""
         step, world = self.state.step, self.world
-        name = f"checkpoint-{step}"
+        pruned = name is None
+        name = name or f"checkpoint-{step}"
         tmp = ckpt.temp_dir(self.out, name)
         weights = self.model_state()
         optim_state = get_optimizer_state_dict(self.objective, self.optimizer, options=state_dict_options(self.cfg))
@@ -512,7 +526,8 @@ class Run:
             }
             ckpt.write_trainer_state(tmp, payload)  # last: its presence marks the folder complete
             ckpt.publish(tmp, self.out / name)
-            ckpt.prune(self.out, self.cfg.checkpoint.keep_last)
+            if pruned:
+                ckpt.prune(self.out, self.cfg.checkpoint.keep_last)
             plot_report(read_metrics(self.out), self.out / REPORT)
         distributed.barrier(world)
 
