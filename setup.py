@@ -93,6 +93,7 @@ setup(
             "inspect = cpt.pipelines.inspect:main",
             "train = cpt.trainer.run:main",
             "eval = cpt.trainer.evaluate:main",
+            "export = cpt.trainer.export:main",
             "data-check = cpt.trainer.data.check:main",
             "demo = cpt.shared.demo:main",
             "experiment = cpt.shared.experiment:main",

@@ -17,6 +17,7 @@ SUMMARIES = {
     "inspect": "print a prepared dataset's manifest, shards and sample rows (or rejects)",
     "train": "continued pre-training on a weighted, scheduled mixture of prepared datasets",
     "eval": "perplexity of a model on one or more prepared datasets",
+    "export": "turn a training checkpoint-STEP folder into a Hugging Face model folder (safetensors)",
     "data-check": "stream the training mixture without a model: shares, tokens/s, trace",
     "demo": "the whole CPT story on this machine's own text (make demo)",
     "experiment": "forgetting-mitigation variants at equal token budgets (make experiment)",

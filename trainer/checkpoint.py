@@ -1,16 +1,23 @@
 """Atomic checkpoints: written to a temporary folder, then renamed; found again by `--resume`.
 
 output_dir/checkpoint-STEP/
-  model.safetensors, config.json, tokenizer files   save_pretrained (HF format, loadable as is)
-  optimizer.pt, scheduler.pt                        torch.save; loaded with weights_only=True
-  rng_state_rank{R}.pt, data_state_rank{R}.json     per rank: RNG states, mixture state
-  trainer_state.json                                step, tokens, metrics so far; written last
+  .metadata, __R_0.distcp                           torch.distributed.checkpoint (DCP): model weights and
+                                                    AdamW state, each rank writing its own shards in parallel
+  scheduler.pt                                      torch.save; loaded with weights_only=True
+  config.json, tokenizer files                      so `cpt export` can turn the folder into an HF model
+  rng_state_rank{R}.pt, data_state_rank{R}.json     per rank: RNG states, mixture state (global: equal on all)
+  trainer_state.json                                step, tokens, metrics so far; written last (the marker)
 A folder only gets its final name once every file is in it, so a kill at any moment leaves either a
-complete checkpoint or a `.tmp-*` folder that resume ignores (with a warning) and deletes.
+complete checkpoint or a `.tmp-*` folder that resume ignores (with a warning) and deletes. DCP
+reshards on load, so a checkpoint of W ranks resumes on any other number of ranks. With
+`checkpoint.async_save` the DCP files are written by a background thread (dcp.async_save) while
+training goes on; the folder is published when that write has finished, at the next checkpoint or
+at the end of the run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -26,7 +33,7 @@ from cpt.shared.dataset import write_json_atomic
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 TRAINER_STATE = "trainer_state.json"
-REQUIRED = (TRAINER_STATE, "config.json", "optimizer.pt", "scheduler.pt")
+REQUIRED = (TRAINER_STATE, "config.json", ".metadata", "scheduler.pt")
 
 
 def checkpoint_dirs(output_dir: str | Path) -> list[tuple[int, Path]]:
@@ -40,8 +47,6 @@ def checkpoint_dirs(output_dir: str | Path) -> list[tuple[int, Path]]:
 
 def is_complete(folder: Path, world_size: int | None = None) -> bool:
     if not all((folder / name).is_file() for name in REQUIRED):
-        return False
-    if not list(folder.glob("*.safetensors")):
         return False
     if world_size is not None:
         return all((folder / f"data_state_rank{r}.json").is_file() for r in range(world_size))
@@ -105,33 +110,6 @@ def is_better(
     return best is None or results[metric] < best[metric]
 
 
-def save_model(folder: Path, model, tokenizer, state_dict: dict) -> None:
-    """The model in HF format (safetensors + config) and its tokenizer, as from_pretrained expects."""
-    model.save_pretrained(str(folder), state_dict=state_dict, safe_serialization=True)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(folder))
-
-
-def load_model_weights(model, folder: Path) -> None:
-    """Load a checkpoint's safetensors into `model` (weights only; tied weights may be absent from the file)."""
-    from safetensors.torch import load_file
-
-    state = {}
-    for path in sorted(folder.glob("*.safetensors")):
-        state.update(load_file(str(path)))
-    result = model.load_state_dict(state, strict=False)
-    tied = set(getattr(model, "all_tied_weights_keys", None) or {})
-    missing = [k for k in result.missing_keys if k not in tied]
-    if missing or result.unexpected_keys:
-        raise RuntimeError(
-            f"{folder}: checkpoint weights do not match the model `model:` builds "
-            f"(missing {missing[:3]}, unexpected {result.unexpected_keys[:3]}); "
-            "was the run started from another model?"
-        )
-    if tied:
-        model.tie_weights()
-
-
 def rng_state() -> dict:
     """This process's RNG states, in types torch.load(weights_only=True) accepts."""
     state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
@@ -169,3 +147,108 @@ def read_trainer_state(folder: Path) -> dict:
 def torch_load(path: Path):
     """Optimizer / scheduler state: tensors and plain containers only, never arbitrary pickled objects."""
     return torch.load(path, weights_only=True, map_location="cpu")
+
+
+@contextlib.contextmanager
+def quiet_single_process():
+    """Silence DCP's "assuming the intent is to save in a single process": without torchrun that is the intent."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+class Checkpointer:
+    """Writes and reads checkpoint-STEP/ folders: DCP for model + optimizer, small files for the rest."""
+
+    def __init__(self, out: Path, world, model, optimizer, scheduler, tokenizer, cfg):
+        self.out, self.world, self.model, self.optimizer = Path(out), world, model, optimizer
+        self.scheduler, self.tokenizer, self.cfg = scheduler, tokenizer, cfg
+        self.pending = None  # (future, tmp folder, final folder, trainer-state payload) of an async save
+        self._group = None
+
+    def state(self) -> dict:
+        """{"model": ..., "optimizer": ...}: this rank's shards (DTensors under FSDP), tensors only."""
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+        optim = get_optimizer_state_dict(self.model, self.optimizer)
+        # Only the per-parameter tensors: DCP pickles any non-tensor value and unpickles it with
+        # weights_only=False on load. The hyperparameters come back from the config and the scheduler.
+        return {"model": get_model_state_dict(self.model), "optimizer": {"state": optim["state"]}}
+
+    def process_group(self):
+        """A gloo group of its own for async saves: their collectives then never interleave with training's."""
+        import torch.distributed as dist
+
+        if self._group is None and dist.is_initialized():
+            self._group = dist.new_group(backend="gloo")
+        return self._group
+
+    def save(self, step: int, data_state: dict, payload, name: str | None = None) -> None:
+        """Start writing checkpoint-STEP (synchronously, or in the background with async_save).
+
+        `payload()` returns trainer_state.json's content; it is taken now, written when the folder is complete.
+        `name`: another folder name (e.g. stable-checkpoint-STEP), which keep_last never prunes.
+        """
+        import torch.distributed.checkpoint as dcp
+
+        from cpt.trainer import distributed
+
+        self.wait()
+        world, name = self.world, name or f"checkpoint-{step}"
+        tmp = temp_dir(self.out, name)
+        if world.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
+            self.model.config.save_pretrained(str(tmp))
+            if self.tokenizer is not None:
+                self.tokenizer.save_pretrained(str(tmp))
+        distributed.barrier(world)
+        write_rank_files(tmp, world.rank, data_state)
+        state = self.state()
+        if self.cfg.async_save:
+            future = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self.process_group())
+        else:
+            with quiet_single_process():
+                dcp.save(state, checkpoint_id=str(tmp), no_dist=not self.world.distributed)
+            future = None
+        self.pending = (future, tmp, self.out / name, payload())
+        if future is None:
+            self.wait()
+
+    def wait(self) -> None:
+        """Finish the save in flight: every rank's DCP files are written, then mark and publish the folder."""
+        from cpt.trainer import distributed
+
+        if self.pending is None:
+            return
+        future, tmp, final, payload = self.pending
+        self.pending = None
+        if future is not None:
+            future.result()
+        distributed.barrier(self.world)
+        if self.world.is_main:
+            write_trainer_state(tmp, payload)  # last: its presence marks the folder complete
+            publish(tmp, final)
+            prune(self.out, self.cfg.keep_last)
+        distributed.barrier(self.world)
+
+    def load(self, folder: Path) -> None:
+        """Model, optimizer and scheduler from a checkpoint, resharded to this run's ranks by DCP."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import (
+            get_optimizer_state_dict,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        state = self.state()
+        with quiet_single_process():
+            dcp.load(state, checkpoint_id=str(folder), no_dist=not self.world.distributed)
+        optim = get_optimizer_state_dict(self.model, self.optimizer)
+        optim["state"] = state["optimizer"]["state"]
+        set_model_state_dict(self.model, state["model"])
+        set_optimizer_state_dict(self.model, self.optimizer, optim)
+        self.scheduler.load_state_dict(torch_load(folder / "scheduler.pt"))
+        for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):
+            group["lr"] = lr  # the scheduled lr of the step we resume at, as the uninterrupted run has it

@@ -48,7 +48,8 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     """Clip the global gradient norm to this; 0 disables clipping (the norm is still logged)."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
-    """auto: fp32 on CPU, bf16 autocast on GPU. Weights and optimizer state stay fp32 either way."""
+    """auto: fp32 on CPU, bf16 on GPU (autocast; under FSDP2 a MixedPrecisionPolicy: bf16 gathered parameters,
+    fp32 gradient reduction). Master weights, gradients and optimizer state stay fp32 either way."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """auto: cuda when available. Under torchrun each rank uses cuda:LOCAL_RANK."""
     compile: bool = False
@@ -59,7 +60,11 @@ class TrainConfig:
     """Sequence positions per LM-head chunk; logits are recomputed in backward, so peak logit memory is
     micro_batch_size * loss_chunk_size * vocab per model."""
     fsdp: bool = False
-    """Shard parameters, gradients and optimizer state with FSDP2 fully_shard (per decoder layer) instead of DDP."""
+    """Shard parameters, gradients and optimizer state with FSDP2 fully_shard (per decoder layer) instead of DDP.
+    The model is built on the meta device and each rank reads only its shards of the weights."""
+    fsdp_reduce_every_micro_batch: bool = True
+    """FSDP: reduce-scatter gradients after every micro-batch, so a rank only holds its gradient shard. false:
+    only after the last one (fewer collectives; every rank then holds full fp32 gradients, +4 bytes/param)."""
     max_nonfinite_in_a_row: int = 5
     """A step with a NaN/inf loss or gradient norm is skipped and counted; this many in a row stop the run."""
     log_every_steps: int = 1
@@ -168,11 +173,17 @@ class CheckpointConfig:
     branch_before_decay: bool = False
     """wsd: also save output_dir/stable-checkpoint-STEP/ after the last stable step (never pruned), the state
     a cooldown branch starts from (`cpt train --from-checkpoint DIR --set data.anneal...`)."""
+    async_save: bool = False
+    """Write checkpoint-STEP's model/optimizer shards in a background thread (dcp.async_save); training goes on."""
+    export_dtype: Literal["fp32", "bf16"] = "fp32"
+    """dtype of the weights in best/ and final/ (HF folders; checkpoint-STEP/ always keeps fp32)."""
 
     def problems(self) -> list[str]:
         found = []
         if self.every_steps < 1 or self.keep_last < 1:
             found.append("every_steps and keep_last must be >= 1")
+        if self.export_dtype not in ("fp32", "bf16"):
+            found.append(f"export_dtype: {self.export_dtype!r} is not one of fp32, bf16")
         if self.max_general_ppl_increase is not None and self.max_general_ppl_increase < 0:
             found.append(f"max_general_ppl_increase: must be >= 0, got {self.max_general_ppl_increase}")
         return found

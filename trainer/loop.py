@@ -1,107 +1,43 @@
-"""The continued-pre-training loop: setup, then lr -> micro-steps -> clip -> step -> log -> eval/save.
+"""The continued-pre-training loop: lr -> micro-steps -> clip -> step -> log -> eval/save.
 
-`train(cfg, resume)` reads top to bottom. Each helper below it does one thing: build the optimizer,
-run one optimizer step's forward/backward, evaluate, save a checkpoint. Everything that must survive
-a restart (model, optimizer, scheduler, mixture, RNG, counters) goes into every checkpoint, and
-`model:` always names the starting weights: resume loads the checkpoint's weights on top of it
-(litgpt#1729), so KL's reference and EWC's anchor stay the initial model across restarts.
+`train(cfg, resume)` reads top to bottom; everything it needs is built first by `build()`
+(trainer/build.py: model, reference, EWC state, sharding, optimizer, loader, eval sets, checkpointer,
+resumed state). Everything that must survive a restart (model, optimizer, scheduler, mixture, RNG,
+counters) goes into every checkpoint, and `model:` always names the starting weights: resume loads
+the checkpoint's weights on top of it (litgpt#1729), so KL's reference and EWC's anchor stay the
+initial model across restarts.
 """
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import dataclasses
 import json
 import math
-import random
 import shutil
 import time
 import warnings
-from dataclasses import dataclass, field
-from functools import partial
-from pathlib import Path
 
 import torch
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_optimizer_state_dict,
-)
 
 from cpt.shared.config import config_hash, to_dict
-from cpt.trainer import anneal, distributed
+from cpt.trainer import anneal, distributed, weights
 from cpt.trainer import checkpoint as ckpt
-from cpt.trainer.config import RunConfig
-from cpt.trainer.data.sample import sampled_sequences
-from cpt.trainer.evaluate import evaluate
-from cpt.trainer.objectives import (
-    IGNORE_INDEX,
-    CausalLMObjective,
-    add_ewc_gradient,
-    estimate_fisher,
-    load_fisher,
-    per_source_sums,
-    save_fisher,
-    trainable_parameters,
+from cpt.trainer.build import (  # noqa: F401 (re-exported: the loop's public names)
+    FISHER,
+    Parts,
+    TrainError,
+    TrainerState,
+    autocast_for,
+    build,
+    tokens_per_step,
+    total_steps_for,
 )
+from cpt.trainer.config import RunConfig
+from cpt.trainer.evaluate import evaluate
+from cpt.trainer.objectives import IGNORE_INDEX, add_ewc_gradient, per_source_sums
 from cpt.trainer.report import REPORT, JsonlFile, RunLog, plot_report, read_metrics
-from cpt.trainer.schedules import lr_at, warmup_steps_for
 
 TRACE = "data_trace.jsonl"
-FISHER = "ewc_fisher.safetensors"
-
-
-class TrainError(RuntimeError):
-    """The run cannot go on; the message says why and what to change."""
-
-
-@dataclass
-class TrainerState:
-    """Counters and history that a checkpoint stores in trainer_state.json."""
-
-    step: int = 0
-    tokens: int = 0
-    tokens_per_source: dict[str, int] = field(default_factory=dict)
-    skipped_steps: int = 0
-    nonfinite_in_a_row: int = 0
-    baseline: dict[str, float] = field(default_factory=dict)
-    best: dict | None = None
-    evals: list[dict] = field(default_factory=list)
-    metrics_bytes: int = 0
-    trace_bytes: int = 0
-
-
-def autocast_for(precision: str, device: torch.device):
-    """A context factory: bf16 autocast (on GPU for `auto`), or nothing (fp32)."""
-    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    if not use_bf16:
-        return contextlib.nullcontext
-    return partial(torch.autocast, device_type=device.type, dtype=torch.bfloat16)
-
-
-def total_steps_for(cfg: RunConfig, world_size: int) -> int:
-    """max_steps, or max_tokens rounded up to whole optimizer steps."""
-    if cfg.train.max_steps is not None:
-        return cfg.train.max_steps
-    return math.ceil(cfg.train.max_tokens / tokens_per_step(cfg, world_size))
-
-
-def tokens_per_step(cfg: RunConfig, world_size: int) -> int:
-    """Tokens in one optimizer step over all ranks (packed sequences are always full)."""
-    return cfg.data.seq_len * cfg.train.micro_batch_size * cfg.train.grad_accum * world_size
-
-
-def build_optimizer(model: torch.nn.Module, cfg, device: torch.device) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only: norms and biases (1-D) are not decayed. Fused on CUDA."""
-    params = trainable_parameters(model)
-    decay = [p for p in params.values() if p.ndim >= 2]
-    no_decay = [p for p in params.values() if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(
-        groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=device.type == "cuda" or None
-    )
 
 
 def oom_message(cfg: RunConfig, step: int) -> str:
@@ -137,99 +73,29 @@ def train(cfg: RunConfig, resume: bool = False, from_checkpoint: str | None = No
 
 
 def _train(cfg: RunConfig, resume: bool, world: distributed.Dist, from_checkpoint: str | None = None) -> TrainerState:
-    """Setup (model, reference, EWC, wrap, optimizer, data, resume), then the loop, then final/."""
+    """build(), then the loop, then final/."""
     from tqdm.auto import tqdm
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
 
-    from cpt.trainer.data import MixtureLoader, eval_sequences, trace_lines
+    from cpt.trainer.data import trace_lines
 
-    hf_logging.disable_progress_bar()  # one bar per save_pretrained would drown the training bar
-    out = Path(cfg.output_dir)
+    parts = build(cfg, world, resume, from_checkpoint)
+    cfg, state, loader, optimizer, scheduler = parts.cfg, parts.state, parts.loader, parts.optimizer, parts.scheduler
+    module, params, fisher, anchor = parts.module, parts.params, parts.fisher, parts.anchor
+    names, domain_index, total_steps, eval_sets, out = (
+        parts.names, parts.domain_index, parts.total_steps, parts.eval_sets, parts.out
+    )  # fmt: skip
     main = world.is_main
-    start = find_start(out, resume, world)
-    if from_checkpoint and start is None:
-        try:
-            start = anneal.branch_start(Path(from_checkpoint), out, main)
-        except ValueError as err:
-            raise TrainError(str(err)) from None
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        ckpt.remove_leftovers(out)
-    distributed.barrier(world)
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
-    autocast = autocast_for(cfg.train.precision, world.device)
-    total_steps = total_steps_for(cfg, world.world_size)
-    names = [s.name for s in cfg.data.stream_sources()]
-    domain_index = names.index(cfg.domain_source)
-
-    # ---- model, reference, EWC anchor: all from `model:` (the starting weights), before any resume
-    tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.model, trust_remote_code=cfg.trust_remote_code)
-    load = partial(AutoModelForCausalLM.from_pretrained, trust_remote_code=cfg.trust_remote_code, dtype=torch.float32)
-    model = load(cfg.model).to(world.device)
     kl_cfg, ewc_cfg = cfg.regularization.kl, cfg.regularization.ewc
-    reference = None
-    if kl_cfg.weight > 0:
-        reference = load(kl_cfg.reference).to(world.device) if kl_cfg.reference else copy.deepcopy(model)
-    fisher = anchor = None
-    if ewc_cfg.weight > 0:
-        fisher, anchor = ewc_setup(cfg, model, tokenizer, autocast, world, eval_sequences, resume)
-    if start is not None:
-        ckpt.load_model_weights(model, start)
-    model.train()
-    if cfg.train.gradient_checkpointing:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    objective = CausalLMObjective(model, reference, cfg.train.loss_chunk_size)
-    module = distributed.wrap(objective, world, cfg.train.fsdp, getattr(model, "_no_split_modules", None))
-    params = trainable_parameters(model)
-    if fisher is not None and cfg.train.fsdp:
-        fisher = {n: distributed.shard_like(f, params[n]) for n, f in fisher.items()}
-        anchor = {n: distributed.shard_like(a, params[n]) for n, a in anchor.items()}
-    if cfg.train.compile:
-        module = torch.compile(module)
-    torch.manual_seed(cfg.seed + world.rank)
-
-    # ---- optimizer, schedule, data
-    optimizer = build_optimizer(model, cfg.train, world.device)
-    schedule = partial(
-        lr_at,
-        lr=cfg.train.lr,
-        total_steps=total_steps,
-        warmup_steps=warmup_steps_for(total_steps, cfg.train.warmup_ratio),
-        schedule=cfg.train.lr_schedule,
-        min_lr_ratio=cfg.train.min_lr_ratio,
-        decay_ratio=cfg.train.decay_ratio,
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: schedule(s) / cfg.train.lr)
-    loader = MixtureLoader(
-        anneal.resolve_anneal(cfg.data, cfg.train, total_steps),
-        tokenizer,
-        seed=cfg.seed,
-        micro_batch_size=cfg.train.micro_batch_size,
-        rank=world.rank,
-        world_size=world.world_size,
-        total_tokens=total_steps * tokens_per_step(cfg, world.world_size),
-    )
-    eval_sets = {
-        name: eval_sequences(path, tokenizer, cfg.data.seq_len, cfg.eval.max_sequences)
-        for name, path in cfg.eval.sets.items()
-    }
-    state = TrainerState(tokens_per_source={n: 0 for n in names})
-    if start is not None:
-        state = restore(start, cfg, world, objective, optimizer, scheduler, loader)
-        # A cooldown branch may add anneal-only sources that its checkpoint never counted.
-        state.tokens_per_source = {n: state.tokens_per_source.get(n, 0) for n in names}
-    log = RunLog(out, main, state.metrics_bytes, state.step if start is not None else None)
+    log = RunLog(out, main, state.metrics_bytes, state.step if parts.start is not None else None)
     trace = JsonlFile(out / TRACE, main and cfg.data.trace, state.trace_bytes)
-    run = Run(cfg, world, out, model, objective, optimizer, scheduler, loader, tokenizer, state, log, trace, autocast)
+    run = Run(parts, log, trace)
     eval_world = distributed.Dist() if cfg.train.fsdp else world  # FSDP: every rank runs every eval batch
 
     if state.step == 0:
         run.evaluate_and_log({"step": 0}, eval_sets, eval_world)
     batches = iter(loader)  # created once: a fresh iter() per step would re-read the first batch (seed bug)
     bar = tqdm(total=total_steps, initial=state.step, disable=not main or None, desc="cpt train", unit="step")
-    with_kl = reference is not None
+    with_kl = parts.reference is not None
     kl_sources = None if kl_cfg.on == "all" else [i for i in range(len(names)) if i != domain_index]
     branch = anneal.branch_step(cfg, total_steps)
     while state.step < total_steps:
@@ -317,49 +183,10 @@ def _train(cfg: RunConfig, resume: bool, world: distributed.Dist, from_checkpoin
         if not (out / f"checkpoint-{state.step}").exists():
             run.save_checkpoint()
     run.save_final()
+    parts.checkpointer.wait()
     log.close()
     trace.close()
     return state
-
-
-def find_start(out: Path, resume: bool, world) -> Path | None:
-    """The checkpoint to resume from, or None; refuses to start over a run's checkpoints without --resume."""
-    if resume:
-        # Not filtered by world size: a checkpoint from another world size must fail loudly in restore(),
-        # not be skipped as "incomplete" and silently restarted from `model:`.
-        found = ckpt.latest_checkpoint(out)
-        if found is None:
-            warnings.warn(f"--resume: no complete checkpoint in {out}; starting from `model:`", stacklevel=2)
-        return found
-    if ckpt.checkpoint_dirs(out):
-        raise TrainError(
-            f"{out} already holds checkpoints of a run; pass --resume to continue it, or choose a new output_dir"
-        )
-    return None
-
-
-def ewc_setup(cfg: RunConfig, model, tokenizer, autocast, world, eval_sequences, resume: bool = False):
-    """(Fisher, anchor theta*) for EWC: the Fisher loaded from fisher_path / the run being resumed, or estimated."""
-    ewc_cfg = cfg.regularization.ewc
-    params = trainable_parameters(model)
-    anchor = {name: p.detach().clone() for name, p in params.items()}
-    saved = Path(cfg.output_dir) / FISHER
-    # The run's own saved Fisher is reused only on --resume: a fresh start into the same output_dir may
-    # have changed `model:`, the Fisher source or its sample count.
-    path = Path(ewc_cfg.fisher_path) if ewc_cfg.fisher_path else saved
-    if path.is_file() and (ewc_cfg.fisher_path or resume):
-        return load_fisher(str(path), params), anchor
-    names = [s.name for s in cfg.data.sources]
-    source = ewc_cfg.source or next((n for n in names if n != cfg.domain_source), "general")
-    folder = {s.name: s.path for s in cfg.data.sources}.get(source) or cfg.eval.sets[source]
-    sequences = sampled_sequences(folder, tokenizer, cfg.data.seq_len, ewc_cfg.fisher_samples, cfg.seed)
-    objective = CausalLMObjective(model, chunk_size=cfg.train.loss_chunk_size)
-    fisher, seen = estimate_fisher(
-        objective, sequences, autocast, world.rank, world.world_size, kind=ewc_cfg.fisher, seed=cfg.seed
-    )
-    if world.is_main:
-        save_fisher(str(saved), fisher, seen, source)
-    return fisher, anchor
 
 
 def forward_backward(module, micro: list[dict], with_kl: bool, kl_sources, cfg: RunConfig, world, num_sources: int):
@@ -386,10 +213,11 @@ def forward_backward(module, micro: list[dict], with_kl: bool, kl_sources, cfg: 
     loss_counts = torch.zeros_like(loss_sums)
     input_tokens = torch.zeros_like(loss_sums)
     kl_total = torch.zeros(1, dtype=torch.float64, device=device)
-    autocast = autocast_for(cfg.train.precision, device)
+    autocast = autocast_for(cfg.train.precision, device, cfg.train.fsdp)
+    every = cfg.train.fsdp_reduce_every_micro_batch
     for i, batch in enumerate(micro):
         mask, kl_mask = targets[i].to(device), kl_masks[i].to(device)
-        with distributed.grad_sync(module, i == len(micro) - 1), autocast():
+        with distributed.grad_sync(module, i == len(micro) - 1, every), autocast():
             nll, kl = module(
                 batch["input_ids"].to(device), batch["position_ids"].to(device), batch["labels"].to(device), with_kl
             )
@@ -423,52 +251,17 @@ def clip_gradients(params: list[torch.Tensor], max_norm: float) -> float:
     return float(norm)
 
 
-def restore(folder: Path, cfg: RunConfig, world, objective, optimizer, scheduler, loader) -> TrainerState:
-    """Optimizer, scheduler, RNG, mixture and counters from a checkpoint (model weights are already loaded)."""
-    saved = ckpt.read_trainer_state(folder)
-    if saved["world_size"] != world.world_size:
-        raise TrainError(
-            f"{folder} was written by {saved['world_size']} process(es), this run has {world.world_size}; "
-            "the data order depends on the world size, so resume with the same --nproc_per_node"
-        )
-    if saved["config_hash"] != config_hash(to_dict(cfg)):
-        warnings.warn(f"{folder}: the config changed since this checkpoint was written", stacklevel=2)
-    optim_state = ckpt.torch_load(folder / "optimizer.pt")
-    set_optimizer_state_dict(objective, optimizer, optim_state, options=state_dict_options(cfg))
-    scheduler.load_state_dict(ckpt.torch_load(folder / "scheduler.pt"))
-    rng, data_state = ckpt.read_rank_files(folder, world.rank)
-    loader.load_state_dict(data_state)
-    ckpt.set_rng_state(rng)
-    return TrainerState(**saved["state"])
-
-
-def state_dict_options(cfg: RunConfig) -> StateDictOptions:
-    # Under FSDP the checkpoint holds full (unsharded) tensors, so it loads on any number of GPUs as HF weights.
-    return StateDictOptions(full_state_dict=True, cpu_offload=True) if cfg.train.fsdp else StateDictOptions()
-
-
-@dataclass
 class Run:
-    """What the eval / checkpoint helpers share; the loop above owns the order in which they are called."""
+    """The eval / checkpoint helpers over build()'s parts; the loop above owns the order they are called in."""
 
-    cfg: RunConfig
-    world: distributed.Dist
-    out: Path
-    model: torch.nn.Module
-    objective: CausalLMObjective
-    optimizer: torch.optim.Optimizer
-    scheduler: object
-    loader: object
-    tokenizer: object
-    state: TrainerState
-    log: RunLog
-    trace: JsonlFile
-    autocast: object
+    def __init__(self, parts: Parts, log: RunLog, trace: JsonlFile):
+        self.parts, self.cfg, self.world, self.out = parts, parts.cfg, parts.world, parts.out
+        self.state, self.log, self.trace = parts.state, log, trace
 
     def evaluate_and_log(self, record: dict, eval_sets: dict, eval_world) -> None:
         """Perplexity on every set; step 0 becomes the baseline; a new best (within the constraint) is saved."""
         micro = self.cfg.eval.micro_batch_size or self.cfg.train.micro_batch_size
-        results = evaluate(self.objective, eval_sets, micro, self.autocast, eval_world)
+        results = evaluate(self.parts.objective, eval_sets, micro, self.parts.autocast, eval_world)
         step = record["step"]
         if step == 0:
             self.state.baseline = dict(results)
@@ -482,54 +275,41 @@ class Run:
             self.state.best = {"step": step, "metric": self.cfg.checkpoint.best_metric, **results}
             self.save_model_folder("best", {"best": self.state.best, "baseline": self.state.baseline})
 
-    def model_state(self) -> dict:
-        return get_model_state_dict(self.model, options=state_dict_options(self.cfg))
-
     def save_model_folder(self, name: str, info: dict) -> None:
-        """output_dir/NAME/: the model in HF format + tokenizer + NAME.json, published atomically."""
-        weights = self.model_state()
-        if self.world.is_main:
-            tmp = ckpt.temp_dir(self.out, name)
+        """output_dir/NAME/: the model in HF format + tokenizer + NAME.json, streamed and published atomically."""
+        main, model = self.world.is_main, self.parts.model
+        tmp = ckpt.temp_dir(self.out, name)
+        if main:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-            ckpt.save_model(tmp, self.model, self.tokenizer, weights)
+        distributed.barrier(self.world)
+        dtype = self.cfg.checkpoint.export_dtype
+        weights.save_hf_folder(tmp, model, self.parts.tokenizer, model.state_dict(), dtype, main)
+        if main:
             (tmp / f"{name}.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
             ckpt.publish(tmp, self.out / name)
         distributed.barrier(self.world)
 
     def save_checkpoint(self, name: str | None = None) -> None:
-        """output_dir/checkpoint-STEP/ (or NAME/, never pruned), assembled in .tmp-NAME and renamed when complete."""
-        step, world = self.state.step, self.world
-        pruned = name is None
-        name = name or f"checkpoint-{step}"
-        tmp = ckpt.temp_dir(self.out, name)
-        weights = self.model_state()
-        optim_state = get_optimizer_state_dict(self.objective, self.optimizer, options=state_dict_options(self.cfg))
-        if world.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            ckpt.save_model(tmp, self.model, self.tokenizer, weights)
-            torch.save(optim_state, tmp / "optimizer.pt")
-            torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
-        distributed.barrier(world)
-        ckpt.write_rank_files(tmp, world.rank, self.loader.state_dict())
-        distributed.barrier(world)
-        if world.is_main:
+        """output_dir/checkpoint-STEP/ (or NAME/, never pruned) as DCP + small files, published when complete."""
+        world = self.world
+
+        def payload() -> dict:
             self.state.metrics_bytes = self.log.offset()
             self.state.trace_bytes = self.trace.offset()
-            payload = {
-                "step": step,
+            t = self.cfg.train
+            return {
+                "step": self.state.step,
                 "tokens": self.state.tokens,
                 "world_size": world.world_size,
+                "global_batch": t.micro_batch_size * t.grad_accum * world.world_size,
                 "config_hash": config_hash(to_dict(self.cfg)),
                 "state": dataclasses.asdict(self.state),
             }
-            ckpt.write_trainer_state(tmp, payload)  # last: its presence marks the folder complete
-            ckpt.publish(tmp, self.out / name)
-            if pruned:
-                ckpt.prune(self.out, self.cfg.checkpoint.keep_last)
+
+        self.parts.checkpointer.save(self.state.step, self.parts.loader.state_dict(), payload, name)
+        if world.is_main:
             plot_report(read_metrics(self.out), self.out / REPORT)
-        distributed.barrier(world)
 
     def save_final(self) -> None:
         if self.state.best is None and self.cfg.checkpoint.best_metric and self.world.is_main:

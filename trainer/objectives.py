@@ -8,6 +8,8 @@ logit memory is B x chunk x V for each model, recomputed in the backward pass in
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -242,45 +244,56 @@ def estimate_fisher(
     return {name: f / tokens for name, f in fisher.items()}, seen
 
 
-def save_fisher(path: str, fisher: dict[str, torch.Tensor], sequences: int, source: str) -> None:
-    """Write the Fisher diagonal as safetensors (temp name + rename), with how it was made in the metadata."""
-    import os
+def save_fisher(path: str, fisher: dict[str, torch.Tensor], sequences: int, source: str, world=None) -> None:
+    """Write the Fisher diagonal as safetensors (sharded past 5 GB), with how it was made in the metadata.
 
-    from safetensors.torch import save_file
+    Under FSDP every rank holds a shard: they are gathered one tensor at a time and written by rank 0
+    (every rank must call this). Written under temporary names, then renamed.
+    """
+    from cpt.trainer import weights
 
-    tmp = f"{path}.tmp"
-    tensors = {name: t.detach().float().cpu().contiguous() for name, t in fisher.items()}
+    main = world is None or world.is_main
+    folder, prefix = os.path.dirname(path) or ".", os.path.basename(path).removesuffix(".safetensors")
     # v2: the Fisher is a per-token mean (v1 was per sequence of mean token NLL, seq_len-dependent).
-    save_file(tensors, tmp, metadata={"sequences": str(sequences), "source": source, "format": FISHER_FORMAT})
-    os.replace(tmp, path)
+    metadata = {"sequences": str(sequences), "source": source, "format": FISHER_FORMAT}
+    weights.write_safetensors(weights.entries_of(fisher, torch.float32), folder, prefix, main=main, metadata=metadata)
 
 
 def load_fisher(path: str, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Read a Fisher file and check it covers exactly these parameters with the same shapes."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
+    """Read a Fisher file (or index) into tensors laid out like `params` (each rank its shard under FSDP).
 
-    with safe_open(path, framework="pt") as f:
-        made = (f.metadata() or {}).get("format")
-    if made != FISHER_FORMAT:
+    Checks first that it is a per-token Fisher covering exactly these parameters with the same shapes.
+    """
+    from safetensors import safe_open
+
+    from cpt.trainer import weights
+
+    files = weights.safetensors_files(path)
+    shapes, formats = {}, set()
+    for file in set(files.values()):
+        with safe_open(str(file), framework="pt") as f:
+            shapes.update({name: tuple(f.get_slice(name).get_shape()) for name in f.keys()})
+            formats.add((f.metadata() or {}).get("format"))
+    if formats != {FISHER_FORMAT}:
         raise ValueError(
-            f"{path}: Fisher format {made!r}, not {FISHER_FORMAT!r} (older files are per sequence and scale with "
-            "seq_len); set regularization.ewc.fisher_path: null to re-estimate it"
+            f"{path}: Fisher format {sorted(map(str, formats))}, not {FISHER_FORMAT!r} (older files are per "
+            "sequence and scale with seq_len); set regularization.ewc.fisher_path: null to re-estimate it"
         )
-    fisher = load_file(path)
     problems = []
-    missing = sorted(set(params) - set(fisher))
-    extra = sorted(set(fisher) - set(params))
+    missing = sorted(set(params) - set(shapes))
+    extra = sorted(set(shapes) - set(params))
     if missing:
         problems.append(f"missing {len(missing)} parameter(s), e.g. {missing[:3]}")
     if extra:
         problems.append(f"{len(extra)} unknown parameter(s), e.g. {extra[:3]}")
-    for name in sorted(set(params) & set(fisher)):
-        if tuple(fisher[name].shape) != tuple(params[name].shape):
-            problems.append(f"{name}: shape {tuple(fisher[name].shape)} != model {tuple(params[name].shape)}")
+    for name in sorted(set(params) & set(shapes)):
+        if shapes[name] != tuple(params[name].shape):
+            problems.append(f"{name}: shape {shapes[name]} != model {tuple(params[name].shape)}")
     if problems:
         raise ValueError(
             f"{path}: this Fisher file does not match the model ({'; '.join(problems[:5])}); "
             "set regularization.ewc.fisher_path: null to re-estimate it"
         )
-    return {name: fisher[name].to(device=p.device, dtype=p.dtype) for name, p in params.items()}
+    fisher = {name: torch.zeros_like(p.detach()) for name, p in params.items()}
+    weights.fill_from_files(fisher, files, path)
+    return fisher

@@ -7,6 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from cpt.trainer import checkpoint as ckpt
+from cpt.trainer import weights
 
 
 def fake_checkpoint(root, step, complete=True):
@@ -75,17 +76,28 @@ def test_best_needs_a_strict_improvement_and_ignores_nan():
     assert ckpt.is_better({"domain_ppl": 70.0, "general_ppl": 500.0}, best, BASE, "domain_ppl", None)  # no constraint
 
 
-def test_saved_weights_load_back_into_the_starting_model(tmp_path, tiny_model_dir):
+def test_streamed_hf_folder_shards_by_size_and_loads_back(tmp_path, tiny_model_dir):
     trained = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
     with torch.no_grad():
         trained.model.norm.weight.fill_(0.5)
         trained.model.embed_tokens.weight[0].fill_(0.25)
-    ckpt.save_model(tmp_path, trained, AutoTokenizer.from_pretrained(str(tiny_model_dir)), trained.state_dict())
-    fresh = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
-    ckpt.load_model_weights(fresh, tmp_path)
-    assert fresh.model.norm.weight.tolist() == [0.5] * 64
-    assert fresh.lm_head.weight[0].tolist() == [0.25] * 64  # the tied head follows the embeddings
-    assert (tmp_path / "tokenizer.json").is_file()
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    # Files of at most ~100 KB: the 2-layer model is split over several, with an index, as HF writes 5 GB ones.
+    entries = weights.entries_of(trained.state_dict(), torch.bfloat16, skip=weights.tied_names(trained))
+    written = weights.write_safetensors(entries, tmp_path, "model", max_shard_bytes=100_000)
+    trained.config.save_pretrained(str(tmp_path))
+    tokenizer.save_pretrained(str(tmp_path))
+    assert len(written) > 2 and (tmp_path / "model.safetensors.index.json").is_file()
+    assert not list(tmp_path.glob(".*.tmp"))
+    loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32)
+    assert loaded.model.norm.weight.tolist() == [0.5] * 64
+    assert loaded.lm_head.weight[0].tolist() == [0.25] * 64  # the tied head follows the embeddings
+    expected = trained.model.layers[0].mlp.up_proj.weight.to(torch.bfloat16).float()
+    assert torch.equal(loaded.model.layers[0].mlp.up_proj.weight, expected)
+    # The trainer's own reader (used to fill FSDP shards) sees the same tensors through the index.
+    fresh = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
+    weights.load_shards(fresh, str(tmp_path))
+    assert torch.equal(fresh.model.layers[0].mlp.up_proj.weight, expected)
 
 
 def test_rng_state_round_trips_through_weights_only_load(tmp_path):

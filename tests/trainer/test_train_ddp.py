@@ -53,8 +53,8 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, ti
     out = tmp_path / "out"
     train_cfg = {"max_steps": 6, "micro_batch_size": 1, "fsdp": fsdp}  # 2 ranks x 1 sequence x 2 accumulation
     config = write_config(tmp_path / "run.yaml", run_config(tiny_model_dir, out, datasets, train=train_cfg, **COMMON))
-    torchrun = Path(sys.executable).parent / "torchrun"
-    command = [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "cpt.trainer", "--config", str(config)]
+    torchrun = [sys.executable, "-m", "torch.distributed.run"]  # torchrun, also where the venv has no script
+    command = [*torchrun, "--standalone", "--nproc_per_node", "2", "-m", "cpt.trainer", "--config", str(config)]
     result = subprocess.run(command, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
 

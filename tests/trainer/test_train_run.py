@@ -58,7 +58,7 @@ def test_keeps_the_last_two_checkpoints_each_complete(finished):
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-6", "checkpoint-8"]
     assert not list(out.glob(".tmp-*"))
     files = {p.name for p in (out / "checkpoint-8").iterdir()}
-    assert {"model.safetensors", "config.json", "tokenizer.json", "optimizer.pt", "scheduler.pt"} <= files
+    assert {".metadata", "__0_0.distcp", "config.json", "tokenizer.json", "scheduler.pt"} <= files  # DCP
     assert {"rng_state_rank0.pt", "data_state_rank0.json", "trainer_state.json"} <= files
     state = json.loads((out / "checkpoint-8" / "trainer_state.json").read_text())
     assert (state["step"], state["tokens"], state["world_size"]) == (8, STEPS * PER_STEP * SEQ, 1)
@@ -106,6 +106,21 @@ def test_final_loads_with_from_pretrained_and_reproduces_the_last_eval(finished,
     assert result["domain_ppl"] == pytest.approx(records[-1]["domain_ppl"], rel=1e-5)
     assert result["general_ppl"] == pytest.approx(records[-1]["general_ppl"], rel=1e-5)
     assert records[-1]["domain_ppl"] < records[0]["domain_ppl"]  # it learned something
+
+
+def test_cpt_export_turns_the_last_checkpoint_into_the_final_model(finished, data, tmp_path):
+    from cpt.shared.cli import main as cpt
+
+    out, _, _, records = finished
+    assert cpt(["export", "--checkpoint", str(out / "checkpoint-8"), "--output", str(tmp_path / "hf")]) == 0
+    exported = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"))
+    final = AutoModelForCausalLM.from_pretrained(str(out / "final"))
+    for (name, a), (_, b) in zip(exported.state_dict().items(), final.state_dict().items()):
+        assert torch.equal(a, b), name
+    bf16 = ["--output", str(tmp_path / "bf16"), "--dtype", "bf16"]
+    assert cpt(["export", "--checkpoint", str(out / "checkpoint-8"), *bf16]) == 0
+    assert AutoModelForCausalLM.from_pretrained(str(tmp_path / "bf16")).dtype == torch.bfloat16
+    assert cpt(["export", "--checkpoint", str(out), "--output", str(tmp_path / "x")]) == 2  # not a checkpoint
 
 
 def test_data_trace_has_one_line_per_sequence_in_order(finished):
