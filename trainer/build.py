@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from cpt.trainer import anneal, distributed, weights
+from cpt.trainer import adapters, anneal, distributed, weights
 from cpt.trainer import checkpoint as ckpt
 from cpt.trainer.config import RunConfig
 from cpt.trainer.data.sample import sampled_sequences
@@ -208,10 +208,18 @@ def build(cfg: RunConfig, world: distributed.Dist, resume: bool = False, from_ch
     load = partial(weights.load_model, world=world, fsdp=fsdp, bf16=mixed, trust_remote_code=cfg.trust_remote_code)
     model = load(cfg.model)
     kl_cfg, ewc_cfg = cfg.regularization.kl, cfg.regularization.ewc
-    reference = load(kl_cfg.reference or cfg.model, frozen=True) if kl_cfg.weight > 0 else None
+    # LoRA: the base is the model with its adapters off, so KL against it needs no second copy.
+    base_reference = cfg.train.peft is not None and kl_cfg.weight > 0 and kl_cfg.reference is None
+    if cfg.train.peft is not None:
+        try:
+            model = adapters.wrap(model, cfg.train.peft)
+        except ValueError as err:
+            raise TrainError(str(err)) from None
+    wanted = kl_cfg.weight > 0 and not base_reference
+    reference = load(kl_cfg.reference or cfg.model, frozen=True) if wanted else None
     if cfg.train.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    objective = CausalLMObjective(model, reference, cfg.train.loss_chunk_size)
+    objective = CausalLMObjective(model, reference, cfg.train.loss_chunk_size, base_reference=base_reference)
     module = distributed.wrap(objective, world, fsdp, weights.mixed_precision(mixed) if fsdp else None)
     if fsdp:  # sharded on meta above; now each rank allocates and reads only its own shards
         sources = {"model": cfg.model}
@@ -228,7 +236,13 @@ def build(cfg: RunConfig, world: distributed.Dist, resume: bool = False, from_ch
     torch.manual_seed(cfg.seed + world.rank)
 
     # ---- optimizer, schedule, data
-    optimizer = build_optimizer(model, cfg.train, world.device)
+    if cfg.train.peft is not None:
+        t = cfg.train
+        groups = adapters.param_groups(model, t)
+        fused = world.device.type == "cuda" or None
+        optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=tuple(t.betas), eps=t.eps, fused=fused)
+    else:
+        optimizer = build_optimizer(model, cfg.train, world.device)
     scheduler = build_scheduler(cfg, optimizer, total_steps)
     loader = MixtureLoader(
         anneal.resolve_anneal(cfg.data, cfg.train, total_steps),

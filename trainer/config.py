@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from cpt.trainer.adapters import PeftConfig
 from cpt.trainer.data import DataConfig, SourceConfig
 from cpt.trainer.schedules import SCHEDULES
 
@@ -69,9 +70,14 @@ class TrainConfig:
     """A step with a NaN/inf loss or gradient norm is skipped and counted; this many in a row stop the run."""
     log_every_steps: int = 1
     """Write a metrics.jsonl / TensorBoard line every N steps (eval steps are always written)."""
+    peft: PeftConfig | None = None
+    """LoRA CPT through peft ({method: lora, r, alpha, dropout, target_modules, train_embeddings,
+    embedding_lr_ratio}); null = train every weight."""
 
     def problems(self) -> list[str]:
         found = []
+        if self.peft is not None and self.fsdp:
+            found.append("peft: LoRA runs on one process or under DDP, not with fsdp: true (set fsdp: false)")
         if (self.max_steps is None) == (self.max_tokens is None):
             found.append("max_steps / max_tokens: give exactly one of them")
         for key in ("max_steps", "max_tokens", "micro_batch_size", "grad_accum", "loss_chunk_size"):

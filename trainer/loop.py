@@ -20,7 +20,7 @@ import warnings
 import torch
 
 from cpt.shared.config import config_hash, to_dict
-from cpt.trainer import anneal, distributed, weights
+from cpt.trainer import adapters, anneal, distributed, weights
 from cpt.trainer import checkpoint as ckpt
 from cpt.trainer.build import (  # noqa: F401 (re-exported: the loop's public names)
     FISHER,
@@ -95,7 +95,7 @@ def _train(cfg: RunConfig, resume: bool, world: distributed.Dist, from_checkpoin
         run.evaluate_and_log({"step": 0}, eval_sets, eval_world)
     batches = iter(loader)  # created once: a fresh iter() per step would re-read the first batch (seed bug)
     bar = tqdm(total=total_steps, initial=state.step, disable=not main or None, desc="cpt train", unit="step")
-    with_kl = parts.reference is not None
+    with_kl = parts.objective.has_reference
     kl_sources = None if kl_cfg.on == "all" else [i for i in range(len(names)) if i != domain_index]
     branch = anneal.branch_step(cfg, total_steps)
     while state.step < total_steps:
@@ -284,7 +284,10 @@ class Run:
             tmp.mkdir(parents=True)
         distributed.barrier(self.world)
         dtype = self.cfg.checkpoint.export_dtype
-        weights.save_hf_folder(tmp, model, self.parts.tokenizer, model.state_dict(), dtype, main)
+        state = model.state_dict()
+        if adapters.is_peft(model):  # LoRA: the merged model, loadable without peft
+            model, state = model.get_base_model(), adapters.merged_state_dict(model)
+        weights.save_hf_folder(tmp, model, self.parts.tokenizer, state, dtype, main)
         if main:
             (tmp / f"{name}.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
             ckpt.publish(tmp, self.out / name)
@@ -317,6 +320,11 @@ class Run:
         self.save_model_folder(
             "final", {"step": self.state.step, "tokens": self.state.tokens, "evals": self.state.evals}
         )
+        if adapters.is_peft(self.parts.model) and self.world.is_main:
+            tmp = ckpt.temp_dir(self.out, adapters.ADAPTER)
+            shutil.rmtree(tmp, ignore_errors=True)
+            adapters.save_adapter(tmp, self.parts.model)
+            ckpt.publish(tmp, self.out / adapters.ADAPTER)
         self.log.offset()  # flush: the picture is drawn from metrics.jsonl on disk
         if self.world.is_main:
             plot_report(read_metrics(self.out), self.out / REPORT)

@@ -53,11 +53,15 @@ class CausalLMObjective(nn.Module):
     FSDP2 unshards the LM heads and embeddings on this module's forward, DDP hooks its gradients.
     """
 
-    def __init__(self, model: nn.Module, reference: nn.Module | None = None, chunk_size: int = 256):
+    def __init__(
+        self, model: nn.Module, reference: nn.Module | None = None, chunk_size: int = 256, base_reference=False
+    ):
+        """`base_reference`: KL's reference is `model` itself with its (peft) adapters disabled: no second copy."""
         super().__init__()
         self.model = model
         self.reference = reference
         self.chunk_size = chunk_size
+        self.base_reference = base_reference and reference is None
         if reference is not None:
             reference.eval()
             reference.requires_grad_(False)
@@ -70,10 +74,10 @@ class CausalLMObjective(nn.Module):
         hidden = decoder(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
         ref_hidden = ref_head = None
         if with_kl:
-            if self.reference is None:
+            if not self.has_reference:
                 raise ValueError("with_kl=True needs a reference model")
-            ref_decoder, ref_head = decoder_and_head(self.reference)
-            with torch.no_grad():
+            ref_decoder, ref_head = decoder_and_head(self.reference_model)
+            with torch.no_grad(), self.reference_mode():
                 ref_hidden = ref_decoder(
                     input_ids=input_ids, position_ids=position_ids, use_cache=False
                 ).last_hidden_state[:, :-1]
@@ -87,8 +91,8 @@ class CausalLMObjective(nn.Module):
                 return nll.view_as(y), None
             logp = torch.log_softmax(logits, dim=-1)
             nll = -logp.gather(-1, y.clamp_min(0).unsqueeze(-1)).squeeze(-1) * (y != IGNORE_INDEX)
-            with torch.no_grad():
-                ref_logp = torch.log_softmax(head_logits(self.reference, ref_head, rh), dim=-1)
+            with torch.no_grad(), self.reference_mode():
+                ref_logp = torch.log_softmax(head_logits(self.reference_model, ref_head, rh), dim=-1)
             kl = (ref_logp.exp() * (ref_logp - logp)).sum(-1)
             return nll, kl
 
@@ -104,6 +108,24 @@ class CausalLMObjective(nn.Module):
             nlls.append(nll)
             kls.append(kl)
         return torch.cat(nlls, dim=1), (torch.cat(kls, dim=1) if with_kl else None)
+
+    @property
+    def has_reference(self) -> bool:
+        return self.reference is not None or self.base_reference
+
+    @property
+    def reference_model(self) -> nn.Module:
+        return self.reference if self.reference is not None else self.model
+
+    def reference_mode(self):
+        """The context the reference runs in: the adapters switched off for a base reference, else nothing."""
+        return self.model.disable_adapter() if self.base_reference else _no_context()
+
+
+def _no_context():
+    import contextlib
+
+    return contextlib.nullcontext()
 
 
 def per_source_sums(values: torch.Tensor, source_ids: torch.Tensor, mask: torch.Tensor, num_sources: int):
