@@ -6,12 +6,36 @@ source as a whole: the first N documents by id are one corner of it (ids often f
 
 from __future__ import annotations
 
+from collections import defaultdict
+
 import numpy as np
 import torch
 
 from cpt.shared.dataset import DatasetError, tokenizer_fingerprint
-from cpt.trainer.data.evalset import CHUNK_DOCS, _doc_keys, _fetch_tokens
-from cpt.trainer.data.sources import SourceIndex, local_tokenizer_dir, tokenizer_problem
+from cpt.trainer.data.sources import SourceIndex, local_tokenizer_dir, read_rows, tokenizer_problem
+
+# Documents fetched per round, and rows per read: a read walks one block of a shard, not the whole file.
+CHUNK_DOCS = 256
+BLOCK = 1024
+
+
+def _fetch(index: SourceIndex, tokenizer, rows: list[tuple[int, int]]) -> list[np.ndarray]:
+    """Token ids of the documents at (shard, row), in that order (text shards are tokenized here)."""
+    column = "input_ids" if index.tokenized else "text"
+    by_block = defaultdict(list)
+    for shard, row in rows:
+        by_block[(shard, row // BLOCK)].append(row)
+    found = {}
+    for (shard, block), wanted in by_block.items():
+        start = block * BLOCK
+        stop = min(start + BLOCK, int(index.manifest["shards"][shard]["rows"]))
+        values = read_rows(index.urls[shard], start, stop, [column]).column(column).take([r - start for r in wanted])
+        values = values.to_pylist()
+        if not index.tokenized:
+            values = tokenizer(values, add_special_tokens=False)["input_ids"]
+        for row, ids in zip(wanted, values):
+            found[(shard, row)] = np.asarray(ids, dtype=np.int64)
+    return [found[key] for key in rows]
 
 
 def sampled_sequences(path: str, tokenizer, seq_len: int, num_sequences: int, seed: int) -> dict:
@@ -26,7 +50,7 @@ def sampled_sequences(path: str, tokenizer, seq_len: int, num_sequences: int, se
         problem = tokenizer_problem(index, tokenizer_fingerprint(folder), folder)
         if problem:
             raise DatasetError(problem)
-    keys = _doc_keys(index)
+    keys = [(shard, row) for shard, entry in enumerate(index.manifest["shards"]) for row in range(int(entry["rows"]))]
     order = np.random.default_rng(seed).permutation(len(keys))
     keys = [keys[i] for i in order]
     eos = tokenizer.eos_token_id
@@ -35,7 +59,7 @@ def sampled_sequences(path: str, tokenizer, seq_len: int, num_sequences: int, se
     for start in range(0, len(keys), CHUNK_DOCS):
         if filled >= need:
             break
-        for tokens in _fetch_tokens(index, tokenizer, keys[start : start + CHUNK_DOCS]):
+        for tokens in _fetch(index, tokenizer, keys[start : start + CHUNK_DOCS]):
             doc = np.concatenate([tokens, [eos]]).astype(np.int64)
             offset = 0
             while offset < len(doc) and filled < need:
