@@ -136,3 +136,38 @@ def test_lora_run_final_model_adapter_and_kill_9_resume(tmp_path, tiny_model_dir
         for key in ("loss", "kl", "ewc", "grad_norm", "domain_ppl", "general_ppl"):
             if key in a:
                 assert b[key] == pytest.approx(a[key], abs=1e-5), (a["step"], key)
+
+
+@pytest.mark.slow
+def test_lora_under_ddp_matches_one_process_with_the_same_global_batch(tmp_path, tiny_model_dir, tokenizer_dir):
+    import subprocess
+    import sys
+
+    from tests.trainer.trainutil import SUBPROCESS_ENV
+
+    datasets = make_datasets(tmp_path / "data", tokenizer_dir)
+    single = tmp_path / "single"
+    common = {
+        "regularization": {"kl": {"weight": 0.1, "on": "all"}},
+        "eval": {"every_steps": 3, "max_sequences": 2},
+        "checkpoint": {"every_steps": 3, "keep_last": 1},
+    }
+    lora_train = {"max_steps": 4, "lr": 5e-3, "peft": LORA}
+    train(load_config(RunConfig, data=run_config(tiny_model_dir, single, datasets, train=lora_train, **common)))
+    out = tmp_path / "ddp"
+    ddp_train = {**lora_train, "micro_batch_size": 1}  # 2 ranks x 1 sequence x 2 accumulation
+    config = write_config(tmp_path / "ddp.yaml", run_config(tiny_model_dir, out, datasets, train=ddp_train, **common))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    result = subprocess.run(
+        [*command, "-m", "cpt.trainer", "--config", str(config)],
+        env=SUBPROCESS_ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    for a, b in zip(records(single), records(out), strict=True):
+        for key in ("loss", "kl", "domain_ppl", "general_ppl"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], abs=1e-4), (a["step"], key)
+    assert (out / "final" / "config.json").is_file() and (out / adapters.ADAPTER / "adapter_config.json").is_file()
