@@ -237,6 +237,8 @@ def write_experiment(workdir: Path, state: dict, base: dict, rows: list[dict], s
         f"Base: `{state['base_model']}`. Every variant: {steps} steps x {scale['micro_batch_size']} x"
         f" {scale['grad_accum']} x {scale['seq_len']} tokens = {tokens:,} training tokens, LR re-warmed to"
         f" {scale['cpt_lr']:g} (2% warmup) and cosine-decayed to 0.1x; the same held-out sequences as the demo.",
+        f"Exceptions: lora trains adapters only at {LORA_LR_FACTOR:g}x that lr; anneal uses wsd and draws its last"
+        f" {ANNEAL_RATIO:.0%} from an even code/general mix; merge-α = (1 − α)·base + α·domain-only (no training).",
         "Forgetting = general-ppl increase over the base; domain gain = domain-ppl decrease from the base.",
         "",
         results_table(base, rows, seconds),
