@@ -8,7 +8,7 @@ TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed-$(shell echo '$(TORCH)' | cksum | cut -d' ' -f1)
 PYTEST_ARGS ?=
 
-.PHONY: install test test-fast demo experiment bench lint format clean
+.PHONY: install test test-fast demo experiment bench bench-gpu lint format clean
 
 install: $(STAMP)
 
@@ -32,6 +32,10 @@ experiment: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m tests.bench $(ARGS)
+
+# cpt train with FSDP2 + bf16 on every visible GPU (a tiny CPU config when there is none); see tests/bench/bench_gpu.py
+bench-gpu: $(STAMP)
+	$(BIN)/python -m tests.bench gpu
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -160,6 +160,7 @@ def base_manifest(cfg: PrepareConfig, files, notes: list[str]) -> dict:
     tokenizer = None
     if cfg.tokenizer:
         tokenizer = {"name": cfg.tokenizer, "sha256": dataset.tokenizer_fingerprint(cfg.tokenizer)}
+        tokenizer["add_special_tokens"] = False  # bare tokens: the trainer adds BOS/EOS per the model's convention
     return {
         "format_version": dataset.FORMAT_VERSION,
         "cpt_version": __version__,

@@ -431,6 +431,10 @@ def run_demo(workdir: Path, scale: DemoScale, model: Path | None, force: bool) -
 
     before, after = report.read_eval(before_json), report.read_eval(after_json)
     table = report.before_after_table(before, after, SET_LABELS)
+    bpb_before, bpb_after = report.read_eval(before_json, "bpb"), report.read_eval(after_json, "bpb")
+    if all(name in bpb_before and name in bpb_after for name in SET_LABELS):  # eval files of older cpt lack bpb
+        bpb_table = report.before_after_table(bpb_before, bpb_after, SET_LABELS, "bpb")
+        table += "\n\nBits per byte (comparable across tokenizers):\n\n" + bpb_table
     curves = [("continued pre-training on code", report.read_jsonl(runs / "cpt" / "metrics.jsonl"))]
     if model is None:
         curves.insert(0, ("base pre-training (general only)", report.read_jsonl(runs / "base" / "metrics.jsonl")))
@@ -444,6 +448,8 @@ def run_demo(workdir: Path, scale: DemoScale, model: Path | None, force: bool) -
         "eval_sets": eval_sets,
         "before": before,
         "after": after,
+        "before_bpb": bpb_before,
+        "after_bpb": bpb_after,
         "stage_seconds": {k: round(v, 1) for k, v in stages.times.items()},
         "stage_cpu_seconds": {k: round(v, 1) for k, v in stages.cpu.items()},
         "total_seconds": round(time.monotonic() - started, 1),

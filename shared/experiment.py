@@ -228,7 +228,19 @@ def comparison(rows: list[dict]) -> list[str]:
     return lines
 
 
-def write_experiment(workdir: Path, state: dict, base: dict, rows: list[dict], seconds: dict, steps: int) -> Path:
+def bpb_table(base: dict[str, float], variants: dict[str, dict[str, float]]) -> str | None:
+    """Bits per byte of the base and of each variant on the two held-out sets; None if an eval lacks them."""
+    every = [base, *variants.values()]
+    if not all("domain" in v and "general" in v for v in every):
+        return None  # eval files written before cpt reported bits per byte
+    table = [["base (before CPT)", f"{base['domain']:.3f}", f"{base['general']:.3f}"]]
+    table += [[name, f"{v['domain']:.3f}", f"{v['general']:.3f}"] for name, v in variants.items()]
+    return report.format_table(["variant", "domain bpb", "general bpb"], table)
+
+
+def write_experiment(
+    workdir: Path, state: dict, base: dict, rows: list[dict], seconds: dict, steps: int, bpb: dict | None = None
+) -> Path:
     scale = state["scale"]
     tokens = steps * scale["micro_batch_size"] * scale["grad_accum"] * scale["seq_len"]
     lines = [
@@ -243,6 +255,11 @@ def write_experiment(workdir: Path, state: dict, base: dict, rows: list[dict], s
         "",
         results_table(base, rows, seconds),
         "",
+    ]
+    bits = bpb_table(state.get("before_bpb") or {}, bpb or {})
+    if bits:
+        lines += ["Bits per byte (comparable across tokenizers, unlike perplexity):", "", bits, ""]
+    lines += [
         "![frontier](frontier.png)",
         "",
         "## Against the published findings",
@@ -264,7 +281,7 @@ def run_experiment(workdir: Path, variants: list[Variant], steps: int | None, fo
     base = state["before"]
     runs = workdir / "experiment"
     stages = Stages(workdir, force)
-    rows, seconds = [], {}
+    rows, seconds, bpb = [], {}, {}
     for variant in variants:
         sources, schedule = variant_sources(variant, state["dataset_paths"])
         eval_sets = dict(state["eval_sets"])
@@ -293,6 +310,7 @@ def run_experiment(workdir: Path, variants: list[Variant], steps: int | None, fo
         stages.run(f"variant-{variant.name}-eval", {"cmd": cmd}, work, (out,))
         seconds[variant.name] = stages.times[f"variant-{variant.name}"] + stages.times[f"variant-{variant.name}-eval"]
         rows.append(result_row(variant.name, base, report.read_eval(out)))
+        bpb[variant.name] = report.read_eval(out, "bpb")
     if any(r["variant"] == "domain-only" for r in rows):
         merged = runs / "merge-domain-only"
         cmd = merge_command(state["base_model"], runs / "domain-only" / "final", merged)
@@ -306,11 +324,12 @@ def run_experiment(workdir: Path, variants: list[Variant], steps: int | None, fo
             stages.run(f"{name}-eval", {"cmd": cmd}, partial(stages.command, f"exp-{name}-eval", cmd), (out,))
             seconds[name] = stages.times[f"{name}-eval"]
             rows.append(result_row(name, base, report.read_eval(out)))
+            bpb[name] = report.read_eval(out, "bpb")
     report.plot_frontier(
         [(r["variant"], r["domain_gain_pct"], r["forgetting_pct"]) for r in rows], workdir / "frontier.png"
     )
     (workdir / "experiment.json").write_text(json.dumps({"base": base, "rows": rows, "seconds": seconds}, indent=2))
-    path = write_experiment(workdir, state, base, rows, seconds, steps)
+    path = write_experiment(workdir, state, base, rows, seconds, steps, bpb)
     print("\n" + results_table(base, rows, seconds))
     print(f"\nreport: {path}, {workdir / 'frontier.png'}  ({sum(seconds.values()):.0f} s)")
     return rows

@@ -18,10 +18,18 @@ def read_jsonl(path: str | Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def read_eval(path: str | Path) -> dict[str, float]:
-    """{set name: perplexity} from a `cpt eval --output` file (keys `<name>_ppl`)."""
+def read_eval(path: str | Path, metric: str = "ppl") -> dict[str, float]:
+    """{set name: value} from a `cpt eval --output` file: keys `<name>_ppl`, or `<name>_bpb` (bits per byte).
+
+    A value `cpt eval` could not compute (null: bytes unknown for a tokenizer without offsets) reads as NaN.
+    """
     payload = json.loads(Path(path).read_text(encoding="utf-8"))
-    return {key.removesuffix("_ppl"): float(value) for key, value in payload.items() if key.endswith("_ppl")}
+    suffix = f"_{metric}"
+    return {
+        key.removesuffix(suffix): float("nan") if value is None else float(value)
+        for key, value in payload.items()
+        if key.endswith(suffix)
+    }
 
 
 def change_pct(before: float, after: float) -> float:
@@ -41,13 +49,16 @@ def format_table(headers: list[str], rows: list[list[str]]) -> str:
     return "\n".join([line(headers), rule, *(line(r) for r in rows)])
 
 
-def before_after_table(before: dict[str, float], after: dict[str, float], labels: dict[str, str]) -> str:
-    """The demo's table: one row per eval set, perplexity before → after and the relative change."""
+def before_after_table(
+    before: dict[str, float], after: dict[str, float], labels: dict[str, str], metric: str = "ppl"
+) -> str:
+    """The demo's table: one row per eval set, perplexity (or bits per byte) before → after and the change."""
     rows = []
+    digits = 2 if metric == "ppl" else 3
     for name, label in labels.items():
         b, a = before[name], after[name]
-        rows.append([label, f"{b:.2f}", "→", f"{a:.2f}", f"{change_pct(b, a):+.1f}%"])
-    return format_table(["held-out set", "ppl before", "", "ppl after", "change"], rows)
+        rows.append([label, f"{b:.{digits}f}", "→", f"{a:.{digits}f}", f"{change_pct(b, a):+.1f}%"])
+    return format_table(["held-out set", f"{metric} before", "", f"{metric} after", "change"], rows)
 
 
 def eval_series(records: list[dict], name: str) -> list[tuple[int, float]]:

@@ -59,3 +59,19 @@ def make_prepared_dataset(
     }
     dataset.write_json_atomic(dataset.join(out, dataset.MANIFEST), manifest)
     return out
+
+
+def save_bos_tokenizer(tokenizer_dir: str | Path, out: str | Path) -> Path:
+    """A copy of a tokenizer whose post-processor puts BOS before every text, as LLaMA/Mistral/Gemma tokenizers do."""
+    from tokenizers import Tokenizer, processors
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    plain = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    backend = Tokenizer.from_file(str(Path(tokenizer_dir) / "tokenizer.json"))
+    bos = plain.bos_token
+    backend.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, plain.bos_token_id)]
+    )
+    special = {k: getattr(plain, k) for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
+    PreTrainedTokenizerFast(tokenizer_object=backend, **special).save_pretrained(str(out))
+    return Path(out)

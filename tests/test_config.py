@@ -47,3 +47,11 @@ def test_overrides_win_over_the_file_and_are_checked_too(tmp_path):
     assert load_config(Run, path, ["optim.lr=0.5"]).optim.lr == 0.5
     with pytest.raises(ConfigError, match="optim.weight_decay: must be >= 0"):
         load_config(Run, path, ["optim.weight_decay=-1"])
+
+
+def test_dist_timeout_defaults_to_an_hour_and_must_be_positive():
+    from cpt.trainer.config import TrainConfig
+
+    assert load_config(TrainConfig, data={"max_steps": 1}).dist_timeout_s == 3600
+    with pytest.raises(ConfigError, match="dist_timeout_s: must be a positive number of seconds, got 0"):
+        load_config(TrainConfig, data={"max_steps": 1, "dist_timeout_s": 0})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -21,7 +22,14 @@ from cpt.shared.corpus import (
     stdlib_root,
 )
 from cpt.shared.demo import Stages
-from cpt.shared.experiment import VARIANTS, comparison, result_row, variant_regularization, variant_sources
+from cpt.shared.experiment import (
+    VARIANTS,
+    bpb_table,
+    comparison,
+    result_row,
+    variant_regularization,
+    variant_sources,
+)
 from tests.helpers import make_prepared_dataset
 
 TINY = CorpusConfig(code_files=12, html_pages=6, readmes=3, topics=3, val_fraction=0.25)
@@ -170,8 +178,17 @@ def test_before_after_table_is_exact():
 
 def test_read_eval_takes_the_ppl_keys_of_cpt_eval_output(tmp_path):
     path = tmp_path / "eval.json"
-    path.write_text(json.dumps({"model": "m", "seq_len": 64, "sets": {}, "domain_ppl": 12.5, "general_ppl": 3.0}))
+    payload = {"model": "m", "seq_len": 64, "sets": {}, "domain_ppl": 12.5, "general_ppl": 3.0, "domain_bpb": 1.25}
+    path.write_text(json.dumps({**payload, "general_bpb": None}))
     assert report.read_eval(path) == {"domain": 12.5, "general": 3.0}
+    bpb = report.read_eval(path, "bpb")
+    assert bpb["domain"] == 1.25 and math.isnan(bpb["general"])  # null: bytes unknown
+
+
+def test_before_after_table_of_bits_per_byte():
+    table = report.before_after_table({"domain": 2.0}, {"domain": 1.5}, {"domain": "code"}, "bpb")
+    assert table.splitlines()[0] == "| held-out set | bpb before |   | bpb after | change |"
+    assert table.splitlines()[2] == "| code         |      2.000 | → |     1.500 | -25.0% |"
 
 
 def test_variants_share_one_token_budget_and_differ_in_mix():
@@ -271,6 +288,8 @@ def test_small_demo_runs_every_stage_and_lowers_domain_perplexity(tmp_path):
     assert state["after"]["domain"] < state["before"]["domain"]
     assert (workdir / "report.png").stat().st_size > 10_000
     assert "| domain (stdlib code)" in (workdir / "REPORT.md").read_text()
+    assert state["after_bpb"]["domain"] < state["before_bpb"]["domain"]
+    assert "Bits per byte (comparable across tokenizers):" in (workdir / "REPORT.md").read_text()
 
 
 def test_sigterm_stops_the_running_stage(tmp_path):
@@ -324,3 +343,14 @@ def test_lora_anneal_and_merge_variants_configure_runs_and_are_compared_with_the
     assert "): agrees. merge-0.50 removed 80% of the forgetting" in text
     rows[1] = result_row("lora", base, {"domain": 40.0, "general": 44.0})  # learns more: disagrees
     assert "than full CPT): disagrees" in "\n".join(comparison(rows))
+
+
+def test_experiment_bpb_table_lists_the_base_and_every_variant():
+    table = bpb_table({"domain": 2.5, "general": 1.25}, {"replay-5": {"domain": 2.0, "general": 1.3}})
+    assert table.splitlines() == [
+        "| variant           | domain bpb | general bpb |",
+        "|-------------------|-----------:|------------:|",
+        "| base (before CPT) |      2.500 |       1.250 |",
+        "| replay-5          |      2.000 |       1.300 |",
+    ]
+    assert bpb_table({}, {"replay-5": {"domain": 2.0, "general": 1.3}}) is None  # a demo run before bpb existed

@@ -220,7 +220,7 @@ def build(cfg: RunConfig, world: distributed.Dist, resume: bool = False, from_ch
     if cfg.train.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     objective = CausalLMObjective(model, reference, cfg.train.loss_chunk_size, base_reference=base_reference)
-    module = distributed.wrap(objective, world, fsdp, weights.mixed_precision(mixed) if fsdp else None)
+    module = distributed.wrap(objective, world, fsdp, mp_policy=weights.mixed_precision(mixed) if fsdp else None)
     if fsdp:  # sharded on meta above; now each rank allocates and reads only its own shards
         sources = {"model": cfg.model}
         if reference is not None:
@@ -254,7 +254,7 @@ def build(cfg: RunConfig, world: distributed.Dist, resume: bool = False, from_ch
         total_tokens=total_steps * tokens_per_step(cfg, world.world_size),
     )
     eval_sets = {
-        name: eval_sequences(path, tokenizer, cfg.data.seq_len, cfg.eval.max_sequences)
+        name: eval_sequences(path, tokenizer, cfg.data.seq_len, cfg.eval.max_sequences, cfg.data.add_bos)
         for name, path in cfg.eval.sets.items()
     }
     checkpointer = ckpt.Checkpointer(out, world, model, optimizer, scheduler, tokenizer, cfg.checkpoint)
@@ -287,7 +287,9 @@ def ewc_setup(cfg: RunConfig, objective, tokenizer, autocast, world, eval_sequen
     names = [s.name for s in cfg.data.sources]
     source = ewc_cfg.source or next((n for n in names if n != cfg.domain_source), "general")
     folder = {s.name: s.path for s in cfg.data.sources}.get(source) or cfg.eval.sets[source]
-    sequences = sampled_sequences(folder, tokenizer, cfg.data.seq_len, ewc_cfg.fisher_samples, cfg.seed)
+    sequences = sampled_sequences(
+        folder, tokenizer, cfg.data.seq_len, ewc_cfg.fisher_samples, cfg.seed, cfg.data.add_bos
+    )
     fisher_args = {"kind": ewc_cfg.fisher, "seed": cfg.seed}
     if cfg.train.fsdp:
         # Every rank runs every sequence through the sharded objective: the reduce-scatter then hands each rank

@@ -66,6 +66,8 @@ class TrainConfig:
     fsdp_reduce_every_micro_batch: bool = True
     """FSDP: reduce-scatter gradients after every micro-batch, so a rank only holds its gradient shard. false:
     only after the last one (fewer collectives; every rank then holds full fp32 gradients, +4 bytes/param)."""
+    dist_timeout_s: int = 3600
+    """Seconds a rank waits in a collective (e.g. on the barrier while a checkpoint is written) before failing."""
     max_nonfinite_in_a_row: int = 5
     """A step with a NaN/inf loss or gradient norm is skipped and counted; this many in a row stop the run."""
     log_every_steps: int = 1
@@ -96,6 +98,8 @@ class TrainConfig:
             found.append("weight_decay and max_grad_norm must be >= 0")
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             found.append(f"betas: give two numbers in [0, 1), got {self.betas!r}")
+        if not isinstance(self.dist_timeout_s, int) or self.dist_timeout_s < 1:
+            found.append(f"dist_timeout_s: must be a positive number of seconds, got {self.dist_timeout_s!r}")
         if self.max_nonfinite_in_a_row < 1 or self.log_every_steps < 1:
             found.append("max_nonfinite_in_a_row and log_every_steps must be >= 1")
         return found
@@ -280,6 +284,7 @@ class RunConfig:
     def path_problems(self) -> list[str]:
         """Filesystem checks: model and reference folders, eval sets, the Fisher file, the shards' tokenizer."""
         from cpt.shared.dataset import MANIFEST
+        from cpt.trainer.conventions import run_problems
         from cpt.trainer.data import check_sources
 
         found = []
@@ -300,6 +305,10 @@ class RunConfig:
             present = [s for s in self.data.stream_sources() if s.path and has_manifest(s.path)]
             present += [SourceConfig(f"eval.sets.{n}", p) for n, p in self.eval.sets.items() if has_manifest(p)]
             found += check_sources(DataConfig(seq_len=self.data.seq_len, sources=present), str(tokenizer_dir))
+            if self.model and (Path(self.model) / "config.json").is_file():
+                found += run_problems(
+                    self.model, str(tokenizer_dir), self.data.seq_len, self.data.add_bos, self.trust_remote_code
+                )
         return found
 
 

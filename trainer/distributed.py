@@ -7,6 +7,7 @@ is a no-op in a single process, so the loop has no `if distributed:` branches of
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 from dataclasses import dataclass
 
@@ -33,8 +34,12 @@ class Dist:
         return self.world_size > 1
 
 
-def setup(device: str = "auto") -> Dist:
-    """Read torchrun's RANK/WORLD_SIZE/LOCAL_RANK, pick the device and start the process group if needed."""
+def setup(device: str = "auto", timeout_s: float = 3600) -> Dist:
+    """Read torchrun's RANK/WORLD_SIZE/LOCAL_RANK, pick the device and start the process group if needed.
+
+    `timeout_s` bounds every collective: ranks waiting on a barrier while rank 0 writes a checkpoint
+    wait up to that long (NCCL's default of 10 minutes is shorter than a large model's checkpoint).
+    """
     rank = int(os.environ.get("RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -44,8 +49,13 @@ def setup(device: str = "auto") -> Dist:
         where = torch.device("cuda", local_rank)
     else:
         where = torch.device("cpu")
-    if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo", device_id=where if use_cuda else None)
+    # Under torchrun a process group also for one process: FSDP2 (train.fsdp) needs one even then.
+    if (world_size > 1 or "TORCHELASTIC_RUN_ID" in os.environ) and not dist.is_initialized():
+        dist.init_process_group(
+            backend="nccl" if use_cuda else "gloo",
+            device_id=where if use_cuda else None,
+            timeout=datetime.timedelta(seconds=timeout_s),
+        )
     return Dist(rank, world_size, local_rank, where)
 
 
@@ -54,7 +64,7 @@ def teardown() -> None:
         dist.destroy_process_group()
 
 
-def wrap(module: nn.Module, world: Dist, fsdp: bool, mp_policy=None, layer_classes: list[str] | None = None):
+def wrap(module: nn.Module, world: Dist, fsdp: bool, layer_classes: list[str] | None = None, mp_policy=None):
     """DDP around `module`, or FSDP2 `fully_shard` on each decoder layer and then on `module` (the root).
 
     The layers are found by class name from the HF models' `_no_split_modules` (e.g. LlamaDecoderLayer),

@@ -65,7 +65,7 @@ def train(cfg: RunConfig, resume: bool = False, from_checkpoint: str | None = No
 
     `from_checkpoint`: start a new run (a cooldown branch) in output_dir from another run's checkpoint.
     """
-    world = distributed.setup(cfg.train.device)
+    world = distributed.setup(cfg.train.device, cfg.train.dist_timeout_s)
     try:
         return _train(cfg, resume, world, from_checkpoint)
     finally:
@@ -89,7 +89,7 @@ def _train(cfg: RunConfig, resume: bool, world: distributed.Dist, from_checkpoin
     log = RunLog(out, main, state.metrics_bytes, state.step if parts.start is not None else None)
     trace = JsonlFile(out / TRACE, main and cfg.data.trace, state.trace_bytes)
     run = Run(parts, log, trace)
-    eval_world = distributed.Dist() if cfg.train.fsdp else world  # FSDP: every rank runs every eval batch
+    eval_world = world  # each rank evaluates its share of the sequences; the sums are all-reduced
 
     if state.step == 0:
         run.evaluate_and_log({"step": 0}, eval_sets, eval_world)
@@ -262,6 +262,10 @@ class Run:
         """Perplexity on every set; step 0 becomes the baseline; a new best (within the constraint) is saved."""
         micro = self.cfg.eval.micro_batch_size or self.cfg.train.micro_batch_size
         results = evaluate(self.parts.objective, eval_sets, micro, self.parts.autocast, eval_world)
+        if hasattr(self.parts.objective, "reshard"):
+            # FSDP2 keeps the root's parameters (embeddings, head) gathered after a forward with no backward;
+            # shard them again, or every rank keeps full copies and the optimizer no longer sees its shards.
+            self.parts.objective.reshard()
         step = record["step"]
         if step == 0:
             self.state.baseline = dict(results)

@@ -1,4 +1,4 @@
-"""Run logging: metrics.jsonl (one line per step), TensorBoard scalars, and report.png.
+"""Run logging: metrics.jsonl (one line per step), TensorBoard scalars, and report.png (loss, ppl, bpb).
 
 metrics.jsonl is the record; TensorBoard and the picture are views of it. On resume, the file is cut
 back to the checkpoint's byte offset and TensorBoard purges events after the checkpoint's step, so a
@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from pathlib import Path
 
 METRICS = "metrics.jsonl"
@@ -17,8 +18,20 @@ REPORT = "report.png"
 
 
 def truncate(path: Path, size: int) -> None:
-    """Cut a file back to `size` bytes (what it held at the checkpoint); create it empty if missing."""
+    """Cut a file back to `size` bytes (what it held at the checkpoint); create it empty if missing.
+
+    A file shorter than `size` (deleted or cut by hand since the checkpoint) is kept as it is, with a
+    warning: `truncate()` would pad it with NUL bytes, which no JSON-lines reader accepts.
+    """
     with open(path, "a+b") as f:
+        held = f.seek(0, os.SEEK_END)
+        if held < size:
+            warnings.warn(
+                f"{path} holds {held} bytes but the checkpoint recorded {size}; its lines up to the checkpoint "
+                "are lost (was it deleted or moved?). Logging continues after what it holds",
+                stacklevel=2,
+            )
+            return
         f.truncate(size)
 
 
@@ -110,28 +123,36 @@ def read_metrics(output_dir: str | Path) -> list[dict]:
 
 
 def plot_report(records: list[dict], out_png: str | Path) -> None:
-    """Training loss, and each eval set's perplexity against step with its step-0 baseline marked."""
+    """Training loss, and each eval set's perplexity and bits per byte against step, step-0 baselines marked."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     train = [r for r in records if "loss" in r]
-    ppl_keys = sorted({k for r in records for k in r if k.endswith("_ppl")})
-    fig, (ax_loss, ax_ppl) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (ax_loss, ax_ppl, ax_bpb) = plt.subplots(1, 3, figsize=(16, 4))
     ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train], lw=1)
     ax_loss.set(xlabel="step", ylabel="train loss (token-mean NLL)", title="training loss")
-    for index, key in enumerate(ppl_keys):
-        points = [(r["step"], r[key]) for r in records if key in r]
-        color = f"C{index}"
-        ax_ppl.plot(*zip(*points), marker="o", ms=3, color=color, label=key.removesuffix("_ppl"))
-        baseline = [value for step, value in points if step == 0]
-        if baseline:
-            ax_ppl.axhline(baseline[0], ls="--", lw=0.8, color=color)
-            ax_ppl.annotate("step 0", (0, baseline[0]), color=color, fontsize=8, va="bottom")
-    ax_ppl.set(xlabel="step", ylabel="perplexity", title="held-out perplexity (dashed: step-0 baseline)")
-    if ppl_keys:
-        ax_ppl.legend()
+    panels = (
+        (ax_ppl, "_ppl", "perplexity", "held-out perplexity (dashed: step-0 baseline)"),
+        (ax_bpb, "_bpb", "bits per byte", "held-out bits per byte (comparable across tokenizers)"),
+    )
+    for ax, suffix, ylabel, title in panels:
+        keys = sorted({k for r in records for k in r if k.endswith(suffix)})
+        for index, key in enumerate(keys):
+            # null (unknown bytes, or NaN written as null) is left out of the line.
+            points = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
+            if not points:
+                continue
+            color = f"C{index}"
+            ax.plot(*zip(*points), marker="o", ms=3, color=color, label=key.removesuffix(suffix))
+            baseline = [value for step, value in points if step == 0]
+            if baseline:
+                ax.axhline(baseline[0], ls="--", lw=0.8, color=color)
+                ax.annotate("step 0", (0, baseline[0]), color=color, fontsize=8, va="bottom")
+        ax.set(xlabel="step", ylabel=ylabel, title=title)
+        if keys:
+            ax.legend()
     fig.tight_layout()
     tmp = Path(f"{out_png}.tmp.png")
     fig.savefig(tmp, dpi=100)

@@ -116,7 +116,7 @@ def test_web_preset_cleans_pydoc_html_and_tokenizes_into_a_file_url(corpus, tmp_
         "dead_letter": 0,
     }
     fingerprint = dataset.tokenizer_fingerprint(tokenizer_dir)
-    assert manifest["tokenizer"] == {"name": str(tokenizer_dir), "sha256": fingerprint}
+    assert manifest["tokenizer"] == {"name": str(tokenizer_dir), "sha256": fingerprint, "add_special_tokens": False}
     assert [s["file"] for s in manifest["shards"]] == [dataset.shard_name(i, 3) for i in range(3)]
     kept = datasets.load_from_disk(str(out))
     assert sorted(kept["id"]) == sorted(f"{name}.html" for name in HTML_MODULES)

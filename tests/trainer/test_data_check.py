@@ -65,12 +65,15 @@ def test_data_check_trace_is_identical_with_and_without_a_resume(run_yaml, tmp_p
 
 
 def test_data_check_respects_rank_and_world_size(run_yaml, tmp_path, monkeypatch):
-    assert main(["--config", str(run_yaml), "--sequences", "40", "--trace", str(tmp_path / "w1.jsonl")]) == 0
+    # One run length for both: max_steps x world size would give the linear schedule twice the tokens on 2 ranks.
+    length = ["--total-tokens", str(40 * 2 * 128)]
+    assert main(["--config", str(run_yaml), "--sequences", "40", "--trace", str(tmp_path / "w1.jsonl"), *length]) == 0
     merged = []
     for rank in (0, 1):
         monkeypatch.setenv("RANK", str(rank))
         monkeypatch.setenv("WORLD_SIZE", "2")
-        assert main(["--config", str(run_yaml), "--sequences", "20", "--trace", str(tmp_path / f"r{rank}.jsonl")]) == 0
+        trace = str(tmp_path / f"r{rank}.jsonl")
+        assert main(["--config", str(run_yaml), "--sequences", "20", "--trace", trace, *length]) == 0
         lines = read_trace(tmp_path / f"r{rank}.jsonl")
         assert {line["rank"] for line in lines} == {rank}
         merged += lines

@@ -67,7 +67,8 @@ def test_keeps_the_last_two_checkpoints_each_complete(finished):
 def test_metrics_log_every_step_with_exact_token_counts_and_the_schedule(finished):
     _, cfg, _, records = finished
     assert [r["step"] for r in records] == list(range(STEPS + 1))
-    assert set(records[0]) == {"step", "domain_ppl", "general_ppl"}  # the step-0 baseline
+    assert set(records[0]) == {"step", "domain_ppl", "general_ppl", "domain_bpb", "general_bpb"}  # step-0 baseline
+    assert all(0 < records[0][f"{name}_bpb"] < 20 for name in ("domain", "general"))
     for r in records[1:]:
         assert r["tokens"] == r["step"] * PER_STEP * SEQ
         assert sum(r["tokens_per_source"].values()) == r["tokens"]
@@ -207,6 +208,7 @@ def test_the_example_config_uses_only_known_keys(tiny_model_dir, data, tmp_path)
     paths = [
         f"model={tiny_model_dir}",
         f"output_dir={tmp_path}",
+        "data.seq_len=512",  # the tiny model's context (a longer seq_len is refused before weights load)
         f"data.sources=[{{name: code, path: {data['domain']}}}, {{name: general, path: {data['general']}}}]",
         f"eval.sets={{domain: {data['domain_val']}, general: {data['general_val']}}}",
     ]

@@ -113,6 +113,9 @@ class DataConfig:
     """DataLoader worker processes per rank (each walks the global stream, see the README)."""
     trace: bool = False
     """The trainer writes output_dir/data_trace.jsonl (one line per sequence) when true."""
+    add_bos: bool | None = None
+    """BOS before every document, in training and eval; null = the tokenizer's convention (LLaMA yes, GPT-2 no)."""
+
     anneal: AnnealConfig | None = None
     """A second mixture for the end of the run (WSD cooldown); null = one mixture all run."""
 

@@ -18,19 +18,22 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from cpt.shared.dataset import DatasetError, tokenizer_fingerprint
+from cpt.trainer.conventions import bos_labels, document_bos
 from cpt.trainer.data.config import DataConfig
 from cpt.trainer.data.mixture import MixtureStream, Sequence, extend_state, initial_state, validate_state
 from cpt.trainer.data.schedule import needs_total_tokens
 from cpt.trainer.data.sources import SourceIndex, local_tokenizer_dir, tokenizer_problem
 
 
-def collate(sequences: list[Sequence], names: list[str]) -> dict:
+def collate(sequences: list[Sequence], names: list[str], bos: int | None = None) -> dict:
     """Stack packed sequences into the micro-batch dict the trainer consumes."""
     input_ids = torch.from_numpy(np.stack([s.input_ids for s in sequences]))
+    position_ids = torch.from_numpy(np.stack([s.position_ids for s in sequences]))
     return {
         "input_ids": input_ids,
-        "labels": input_ids.clone(),  # HF causal LMs shift internally; every position has a real target
-        "position_ids": torch.from_numpy(np.stack([s.position_ids for s in sequences])),
+        # HF causal LMs shift internally; every position is a real target except an inserted BOS.
+        "labels": bos_labels(input_ids, position_ids, bos),
+        "position_ids": position_ids,
         "source_ids": torch.from_numpy(np.stack([s.source_ids for s in sequences])),
         "index": [s.index for s in sequences],
         "segments": [s.segments for s in sequences],
@@ -66,7 +69,7 @@ class _RankStream(IterableDataset):
                 if wanted:
                     own.append(sequence)
             if mine:
-                yield collate(own, names), stream.state_dict()
+                yield collate(own, names, stream.bos), stream.state_dict()
             step += 1
 
 
@@ -98,7 +101,8 @@ class MixtureLoader:
         self.source_names = [s.name for s in cfg.stream_sources()]
         self._indexes = [SourceIndex(s.name, s.path) for s in cfg.stream_sources()]
         self._refuse_foreign_token_shards()
-        self._state = initial_state(self.source_names, cfg.seq_len, seed)
+        self.bos = document_bos(cfg.add_bos, tokenizer)
+        self._state = initial_state(self.source_names, cfg.seq_len, seed, self.bos)
 
     def _refuse_foreign_token_shards(self) -> None:
         folder = local_tokenizer_dir(self.tokenizer)
@@ -139,5 +143,5 @@ class MixtureLoader:
 
     def load_state_dict(self, state: dict) -> None:
         state = extend_state(state, self.source_names)  # a cooldown branch may add anneal-only sources
-        validate_state(state, self.source_names, self.cfg.seq_len, self.seed)
+        validate_state(state, self.source_names, self.cfg.seq_len, self.seed, self.bos)
         self._state = copy.deepcopy(state)

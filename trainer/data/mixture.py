@@ -13,11 +13,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from cpt.trainer.conventions import document_bos
 from cpt.trainer.data.config import DataConfig
 from cpt.trainer.data.schedule import pick_source, target_shares
 from cpt.trainer.data.sources import SourceDocs, SourceIndex
 
-STATE_VERSION = 1
+# 2: rows are shuffled inside each (shard, row-block) unit, so a version-1 state would resume another order.
+STATE_VERSION = 2
 
 
 @dataclass
@@ -31,12 +33,13 @@ class Sequence:
     segments: list[list]  # [[source name, doc id, n_tokens], ...]
 
 
-def initial_state(names: list[str], seq_len: int, seed: int) -> dict:
+def initial_state(names: list[str], seq_len: int, seed: int, bos: int | None = None) -> dict:
     """The state of a stream before its first sequence."""
     return {
         "version": STATE_VERSION,
         "seed": seed,
         "seq_len": seq_len,
+        "bos": bos,  # the token put in front of every document (None: none), see cpt.trainer.conventions
         "sources": list(names),
         "sequence": 0,  # global index of the next sequence
         # Per source: [epoch, position in the epoch's order, tokens of that document already emitted].
@@ -77,9 +80,9 @@ def anneal_start_tokens(cfg: DataConfig, total_tokens: int | None) -> int | None
     return int(round(cfg.anneal.start * total_tokens))
 
 
-def validate_state(state: dict, names: list[str], seq_len: int, seed: int) -> None:
+def validate_state(state: dict, names: list[str], seq_len: int, seed: int, bos: int | None = None) -> None:
     """Refuse a state taken from another mixture: resuming it would silently change the data order."""
-    expected = {"version": STATE_VERSION, "sources": list(names), "seq_len": seq_len, "seed": seed}
+    expected = {"version": STATE_VERSION, "sources": list(names), "seq_len": seq_len, "seed": seed, "bos": bos}
     wrong = {k: (state.get(k), v) for k, v in expected.items() if state.get(k) != v}
     if wrong:
         details = "; ".join(f"{k}: state has {got!r}, config has {want!r}" for k, (got, want) in wrong.items())
@@ -110,14 +113,15 @@ class MixtureStream:
             self.anneal_weights = [anneal.get(name, 0.0) for name in self.names]
         paths = {s.name: s.path for s in sources}
         indexes = indexes or [SourceIndex(name, paths[name]) for name in self.names]
-        self.docs = [SourceDocs(index, tokenizer, seed, cfg.shuffle_buffer) for index in indexes]
+        self.bos = document_bos(cfg.add_bos, tokenizer)
+        self.docs = [SourceDocs(index, tokenizer, seed, cfg.shuffle_buffer, self.bos) for index in indexes]
         self.eos = tokenizer.eos_token_id
         if self.eos is None:
             raise ValueError("the tokenizer has no eos_token_id; packing needs one to separate documents")
         if state is None:
-            state = initial_state(self.names, cfg.seq_len, seed)
+            state = initial_state(self.names, cfg.seq_len, seed, self.bos)
         state = extend_state(state, self.names)
-        validate_state(state, self.names, cfg.seq_len, seed)
+        validate_state(state, self.names, cfg.seq_len, seed, self.bos)
         self.state = copy.deepcopy(state)
 
     def state_dict(self) -> dict:

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from cpt.shared.dataset import DatasetError, tokenizer_fingerprint
+from cpt.trainer.conventions import bos_labels, document_bos
 from cpt.trainer.data.sources import SourceIndex, local_tokenizer_dir, read_rows, tokenizer_problem
 
 # Documents fetched per round, and rows per read: a read walks one block of a shard, not the whole file.
@@ -38,11 +39,13 @@ def _fetch(index: SourceIndex, tokenizer, rows: list[tuple[int, int]]) -> list[n
     return [found[key] for key in rows]
 
 
-def sampled_sequences(path: str, tokenizer, seq_len: int, num_sequences: int, seed: int) -> dict:
+def sampled_sequences(
+    path: str, tokenizer, seq_len: int, num_sequences: int, seed: int, add_bos: bool | None = None
+) -> dict:
     """Up to `num_sequences` sequences of `seq_len` tokens from documents drawn in a seeded random order.
 
-    Same layout as `eval_sequences` ({"input_ids", "position_ids"}, positions restart per document);
-    the same seed gives the same sequences, whatever the machine.
+    Same layout as `eval_sequences` ({"input_ids", "position_ids", "labels"}, positions restart per document,
+    BOS in front of each document as in training and masked in labels); the same seed gives the same sequences.
     """
     index = SourceIndex("fisher", path)
     folder = local_tokenizer_dir(tokenizer)
@@ -54,13 +57,15 @@ def sampled_sequences(path: str, tokenizer, seq_len: int, num_sequences: int, se
     order = np.random.default_rng(seed).permutation(len(keys))
     keys = [keys[i] for i in order]
     eos = tokenizer.eos_token_id
+    bos = document_bos(add_bos, tokenizer)
+    head = [] if bos is None else [bos]
     need = seq_len * num_sequences
     ids, positions, filled = [], [], 0
     for start in range(0, len(keys), CHUNK_DOCS):
         if filled >= need:
             break
         for tokens in _fetch(index, tokenizer, keys[start : start + CHUNK_DOCS]):
-            doc = np.concatenate([tokens, [eos]]).astype(np.int64)
+            doc = np.concatenate([head, tokens, [eos]]).astype(np.int64)
             offset = 0
             while offset < len(doc) and filled < need:
                 take = min(len(doc) - offset, seq_len - filled % seq_len)
@@ -76,7 +81,6 @@ def sampled_sequences(path: str, tokenizer, seq_len: int, num_sequences: int, se
             "use a larger source for the Fisher (regularization.ewc.source) or a smaller seq_len"
         )
     size = count * seq_len
-    return {
-        "input_ids": torch.from_numpy(np.concatenate(ids)[:size].reshape(count, seq_len)),
-        "position_ids": torch.from_numpy(np.concatenate(positions)[:size].reshape(count, seq_len)),
-    }
+    input_ids = torch.from_numpy(np.concatenate(ids)[:size].reshape(count, seq_len))
+    position_ids = torch.from_numpy(np.concatenate(positions)[:size].reshape(count, seq_len))
+    return {"input_ids": input_ids, "position_ids": position_ids, "labels": bos_labels(input_ids, position_ids, bos)}

@@ -17,9 +17,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from cpt.shared.dataset import DatasetError, filesystem, read_manifest, shard_urls, tokenizer_fingerprint
+from cpt.trainer.conventions import with_bos
 
 #: Rows per (shard, row-block) unit; `write_shard` writes record batches of this size.
 BLOCK_ROWS = 1000
+#: Row permutations kept per source (at most 8 KB each): enough for a shuffle window spanning many units.
+ROW_ORDERS_CACHED = 64
 
 
 @dataclass
@@ -125,17 +128,20 @@ def text_block(table: pa.Table, tokenizer) -> Block:
 class SourceDocs:
     """A source's documents in epoch order: epoch e is a shuffle of its units keyed by (seed, source, epoch).
 
-    With `shuffle_buffer` B > 1, each run of B consecutive documents of that order is permuted too. The
-    permutation is a function of (seed, source, epoch, window), so a cursor (epoch, position) is the whole
-    state: nothing from a buffer needs saving to resume.
+    The rows inside each unit are shuffled too, keyed by (seed, source, epoch, unit): shards are sorted by
+    id, so reading a block in row order would feed a code corpus file after file in name order. With
+    `shuffle_buffer` B > 1, each run of B consecutive documents of that order is permuted as well. Every
+    permutation is a function of those keys, so a cursor (epoch, position) is the whole state: nothing
+    from a buffer needs saving to resume.
     """
 
-    def __init__(self, index: SourceIndex, tokenizer, seed: int, shuffle_buffer: int = 0):
-        self.index, self.tokenizer, self.seed = index, tokenizer, seed
+    def __init__(self, index: SourceIndex, tokenizer, seed: int, shuffle_buffer: int = 0, bos: int | None = None):
+        self.index, self.tokenizer, self.seed, self.bos = index, tokenizer, seed, bos
         self.window = max(int(shuffle_buffer), 1)
         self._epoch = None
         self._window_key = None
         self._blocks: OrderedDict[int, Block] = OrderedDict()
+        self._row_orders: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
         # Enough cached rows for one shuffle window plus a block at its edge.
         self._max_rows = self.window + BLOCK_ROWS
 
@@ -165,10 +171,24 @@ class SourceDocs:
             position = base + int(self._window_perm[position - base])
         k = int(np.searchsorted(self._ends, position, side="right"))
         before = int(self._ends[k - 1]) if k else 0
-        return int(self._order[k]), position - before
+        unit = int(self._order[k])
+        return unit, int(self._row_order(epoch, unit)[position - before])
+
+    def _row_order(self, epoch: int, unit: int) -> np.ndarray:
+        """The shuffled order of the rows of `unit` in `epoch` (a few recent ones cached: a window spans units)."""
+        key = (epoch, unit)
+        order = self._row_orders.get(key)
+        if order is None:
+            order = self._rng(epoch, unit, 2).permutation(int(self.index.unit_rows[unit]))
+            self._row_orders[key] = order
+            if len(self._row_orders) > ROW_ORDERS_CACHED:
+                self._row_orders.popitem(last=False)
+        else:
+            self._row_orders.move_to_end(key)
+        return order
 
     def doc(self, epoch: int, position: int) -> tuple[str, np.ndarray]:
-        """(doc id, token ids without EOS) of the document at `position` of `epoch`."""
+        """(doc id, token ids without EOS, with BOS in front when `bos` is set) of the document at `position`."""
         unit, row = self.locate(epoch, position)
         return self._block(unit).doc(row)
 
@@ -187,6 +207,8 @@ class SourceDocs:
             block = text_block(read_rows(url, start, stop, ["id", "text"]), self.tokenizer)
         if len(block.ids) != stop - start:
             raise DatasetError(f"{url}: rows {start}..{stop} could not be read; re-run `cpt prepare`")
+        if self.bos is not None:
+            block = Block(block.ids, *with_bos(block.offsets, block.tokens, self.bos))
         self._blocks[unit] = block
         while len(self._blocks) > 1 and sum(len(b.ids) for b in self._blocks.values()) > self._max_rows:
             self._blocks.popitem(last=False)
@@ -197,6 +219,13 @@ def tokenizer_problem(index: SourceIndex, fingerprint: str, tokenizer_dir: str) 
     """A message when a source's token shards were made with another tokenizer than the run's."""
     if not index.tokenized:
         return None
+    if (index.manifest.get("tokenizer") or {}).get("add_special_tokens"):
+        # The trainer puts BOS/EOS around every document itself; shards that hold them would get two of each.
+        return (
+            f"source {index.name!r} ({index.path}): its token shards hold the tokenizer's special tokens "
+            "(manifest tokenizer.add_special_tokens: true), but the trainer adds BOS and EOS itself; re-run "
+            f"`cpt prepare --tokenizer {tokenizer_dir}`, which stores bare tokens"
+        )
     made_with = (index.manifest.get("tokenizer") or {}).get("sha256")
     if made_with == fingerprint:
         return None
