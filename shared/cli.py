@@ -21,6 +21,7 @@ SUMMARIES = {
     "data-check": "stream the training mixture without a model: shares, tokens/s, trace",
     "demo": "the whole CPT story on this machine's own text (make demo)",
     "experiment": "forgetting-mitigation variants at equal token budgets (make experiment)",
+    "merge": "interpolate a trained model with its base at one or more alphas (HF folders)",
 }
 
 

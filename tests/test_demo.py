@@ -202,7 +202,7 @@ def test_variants_share_one_token_budget_and_differ_in_mix():
     assert mixes["curriculum"][1] == {"type": "linear", "source": "code", "start": 0.5, "end": 0.9}
     regs = {v.name: variant_regularization(v) for v in VARIANTS}
     assert regs["kl"] == {"kl": {"weight": 1.0, "on": "all"}}
-    assert regs["ewc"] == {"ewc": {"weight": 1000.0, "source": "general_train"}}
+    assert regs["ewc"] == {"ewc": {"weight": 10.0, "source": "general_train"}}
     assert regs["domain-only"] is None
 
 
@@ -331,6 +331,40 @@ def test_sigterm_stops_the_running_stage(tmp_path):
     assert demo.wait(timeout=20) == 128 + signal.SIGTERM
     with pytest.raises(ProcessLookupError):
         os.kill(stage_pid, 0)  # killed and reaped, not orphaned
+
+
+def test_lora_anneal_and_merge_variants_configure_runs_and_are_compared_with_the_papers():
+    from cpt.shared.experiment import MERGE_ALPHAS, merge_command, variant_overrides
+
+    by = {v.name: v for v in VARIANTS}
+    paths = {"code-train": "C", "general-train": "G"}
+
+    def config():
+        return {"train": {"lr": 1e-3, "lr_schedule": "cosine"}, "data": {"sources": [{"name": "code", "path": "C"}]}}
+
+    lora = variant_overrides(by["lora"], config(), paths)
+    assert lora["train"]["peft"]["method"] == "lora" and lora["train"]["lr"] == pytest.approx(1e-2)
+    anneal = variant_overrides(by["anneal"], config(), paths)
+    assert anneal["train"]["lr_schedule"] == "wsd"
+    assert anneal["data"]["anneal"]["start"] == "decay"
+    assert {s["name"] for s in anneal["data"]["anneal"]["sources"]} == {"code", "general"}
+    cmd = merge_command("BASE", Path("RUN/final"), Path("OUT"))
+    assert cmd[3:] == ["merge", "--base", "BASE", "--model", "RUN/final", "--output", "OUT"] + [
+        x for a in MERGE_ALPHAS for x in ("--alpha", str(a))
+    ]
+
+    base = {"domain": 200.0, "general": 40.0}
+    rows = [
+        result_row("domain-only", base, {"domain": 50.0, "general": 60.0}),  # gain 75%, forgetting 50%
+        result_row("lora", base, {"domain": 100.0, "general": 44.0}),  # gain 50%, forgetting 10%
+        result_row("merge-0.50", base, {"domain": 80.0, "general": 44.0}),  # gain 60%, forgetting 10%
+    ]
+    text = "\n".join(comparison(rows))
+    assert "Biderman et al. 2024** (LoRA learns less and forgets less than full CPT): agrees" in text
+    assert "Alexandrov et al. 2024** (merging" in text
+    assert "): agrees. merge-0.50 removed 80% of the forgetting" in text
+    rows[1] = result_row("lora", base, {"domain": 40.0, "general": 44.0})  # learns more: disagrees
+    assert "than full CPT): disagrees" in "\n".join(comparison(rows))
 
 
 def test_experiment_bpb_table_lists_the_base_and_every_variant():

@@ -19,9 +19,10 @@ from pathlib import Path
 
 import torch
 
+from cpt.trainer import adapters, anneal, distributed, weights
 from cpt.trainer import checkpoint as ckpt
-from cpt.trainer import distributed, weights
 from cpt.trainer.config import RunConfig
+from cpt.trainer.data.sample import sampled_sequences
 from cpt.trainer.objectives import CausalLMObjective, estimate_fisher, load_fisher, save_fisher, trainable_parameters
 from cpt.trainer.schedules import lr_at, warmup_steps_for
 
@@ -160,8 +161,11 @@ def grad_accum_for(saved: dict, cfg: RunConfig, world: distributed.Dist) -> int:
     return global_batch // per_micro
 
 
-def build(cfg: RunConfig, world: distributed.Dist, resume: bool = False) -> Parts:
-    """Model, reference, EWC state, sharding, optimizer, schedule, loader, eval sets, checkpointer; resumed."""
+def build(cfg: RunConfig, world: distributed.Dist, resume: bool = False, from_checkpoint: str | None = None) -> Parts:
+    """Model, reference, EWC state, sharding, optimizer, schedule, loader, eval sets, checkpointer; resumed.
+
+    `from_checkpoint`: a new run (a cooldown branch) in output_dir, started from another run's checkpoint.
+    """
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -170,6 +174,11 @@ def build(cfg: RunConfig, world: distributed.Dist, resume: bool = False) -> Part
     hf_logging.disable_progress_bar()  # one bar per save_pretrained would drown the training bar
     out = Path(cfg.output_dir)
     start = find_start(out, resume)
+    if from_checkpoint and start is None:
+        try:
+            start = anneal.branch_start(Path(from_checkpoint), out, world.is_main)
+        except ValueError as err:
+            raise TrainError(str(err)) from None
     if world.is_main:
         out.mkdir(parents=True, exist_ok=True)
         ckpt.remove_leftovers(out)
@@ -190,7 +199,7 @@ def build(cfg: RunConfig, world: distributed.Dist, resume: bool = False) -> Part
     fsdp = cfg.train.fsdp
     autocast = autocast_for(cfg.train.precision, world.device, fsdp)
     total_steps = total_steps_for(cfg, world.world_size)
-    names = [s.name for s in cfg.data.sources]
+    names = [s.name for s in cfg.data.stream_sources()]
     domain_index = names.index(cfg.domain_source)
 
     # ---- model, reference, EWC anchor: all from `model:` (the starting weights), before any resume
@@ -199,10 +208,18 @@ def build(cfg: RunConfig, world: distributed.Dist, resume: bool = False) -> Part
     load = partial(weights.load_model, world=world, fsdp=fsdp, bf16=mixed, trust_remote_code=cfg.trust_remote_code)
     model = load(cfg.model)
     kl_cfg, ewc_cfg = cfg.regularization.kl, cfg.regularization.ewc
-    reference = load(kl_cfg.reference or cfg.model, frozen=True) if kl_cfg.weight > 0 else None
+    # LoRA: the base is the model with its adapters off, so KL against it needs no second copy.
+    base_reference = cfg.train.peft is not None and kl_cfg.weight > 0 and kl_cfg.reference is None
+    if cfg.train.peft is not None:
+        try:
+            model = adapters.wrap(model, cfg.train.peft)
+        except ValueError as err:
+            raise TrainError(str(err)) from None
+    wanted = kl_cfg.weight > 0 and not base_reference
+    reference = load(kl_cfg.reference or cfg.model, frozen=True) if wanted else None
     if cfg.train.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    objective = CausalLMObjective(model, reference, cfg.train.loss_chunk_size)
+    objective = CausalLMObjective(model, reference, cfg.train.loss_chunk_size, base_reference=base_reference)
     module = distributed.wrap(objective, world, fsdp, mp_policy=weights.mixed_precision(mixed) if fsdp else None)
     if fsdp:  # sharded on meta above; now each rank allocates and reads only its own shards
         sources = {"model": cfg.model}
@@ -219,10 +236,16 @@ def build(cfg: RunConfig, world: distributed.Dist, resume: bool = False) -> Part
     torch.manual_seed(cfg.seed + world.rank)
 
     # ---- optimizer, schedule, data
-    optimizer = build_optimizer(model, cfg.train, world.device)
+    if cfg.train.peft is not None:
+        t = cfg.train
+        groups = adapters.param_groups(model, t)
+        fused = world.device.type == "cuda" or None
+        optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=tuple(t.betas), eps=t.eps, fused=fused)
+    else:
+        optimizer = build_optimizer(model, cfg.train, world.device)
     scheduler = build_scheduler(cfg, optimizer, total_steps)
     loader = MixtureLoader(
-        cfg.data,
+        anneal.resolve_anneal(cfg.data, cfg.train, total_steps),
         tokenizer,
         seed=cfg.seed,
         micro_batch_size=cfg.train.micro_batch_size,
@@ -238,6 +261,8 @@ def build(cfg: RunConfig, world: distributed.Dist, resume: bool = False) -> Part
     state = TrainerState(tokens_per_source={n: 0 for n in names})
     if start is not None:
         state = restore(start, cfg, world, checkpointer, loader)
+        # A cooldown branch may add anneal-only sources that its checkpoint never counted.
+        state.tokens_per_source = {n: state.tokens_per_source.get(n, 0) for n in names}
     return Parts(
         cfg, world, out, start, tokenizer, model, reference, objective, module, params, fisher, anchor,
         optimizer, scheduler, loader, eval_sets, state, total_steps, names, domain_index, autocast, checkpointer,
@@ -262,14 +287,19 @@ def ewc_setup(cfg: RunConfig, objective, tokenizer, autocast, world, eval_sequen
     names = [s.name for s in cfg.data.sources]
     source = ewc_cfg.source or next((n for n in names if n != cfg.domain_source), "general")
     folder = {s.name: s.path for s in cfg.data.sources}.get(source) or cfg.eval.sets[source]
-    sequences = eval_sequences(folder, tokenizer, cfg.data.seq_len, ewc_cfg.fisher_samples, cfg.data.add_bos)
+    sequences = sampled_sequences(
+        folder, tokenizer, cfg.data.seq_len, ewc_cfg.fisher_samples, cfg.seed, cfg.data.add_bos
+    )
+    fisher_args = {"kind": ewc_cfg.fisher, "seed": cfg.seed}
     if cfg.train.fsdp:
         # Every rank runs every sequence through the sharded objective: the reduce-scatter then hands each rank
         # its shard of that one sequence's gradient, squared locally; splitting sequences would square a mean.
-        fisher, seen = estimate_fisher(objective, sequences, autocast, 0, 1)
+        fisher, seen = estimate_fisher(objective, sequences, autocast, 0, 1, **fisher_args)
     else:
         fisher_objective = CausalLMObjective(objective.model, chunk_size=cfg.train.loss_chunk_size)
-        fisher, seen = estimate_fisher(fisher_objective, sequences, autocast, world.rank, world.world_size)
+        fisher, seen = estimate_fisher(
+            fisher_objective, sequences, autocast, world.rank, world.world_size, **fisher_args
+        )
     save_fisher(str(saved), fisher, seen, source, world)
     return fisher, anchor
 

@@ -173,7 +173,15 @@ class Checkpointer:
         optim = get_optimizer_state_dict(self.model, self.optimizer)
         # Only the per-parameter tensors: DCP pickles any non-tensor value and unpickles it with
         # weights_only=False on load. The hyperparameters come back from the config and the scheduler.
-        return {"model": get_model_state_dict(self.model), "optimizer": {"state": optim["state"]}}
+        model = get_model_state_dict(self.model, options=self.model_options())
+        return {"model": model, "optimizer": {"state": optim["state"]}}
+
+    def model_options(self):
+        """LoRA (frozen base): only the trainable tensors go into a checkpoint; the base comes from `model:`."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+        frozen = any(not p.requires_grad for p in self.model.parameters())
+        return StateDictOptions(ignore_frozen_params=True, strict=False) if frozen else StateDictOptions()
 
     def process_group(self):
         """A gloo group of its own for async saves: their collectives then never interleave with training's."""
@@ -183,17 +191,18 @@ class Checkpointer:
             self._group = dist.new_group(backend="gloo")
         return self._group
 
-    def save(self, step: int, data_state: dict, payload) -> None:
+    def save(self, step: int, data_state: dict, payload, name: str | None = None) -> None:
         """Start writing checkpoint-STEP (synchronously, or in the background with async_save).
 
         `payload()` returns trainer_state.json's content; it is taken now, written when the folder is complete.
+        `name`: another folder name (e.g. stable-checkpoint-STEP), which keep_last never prunes.
         """
         import torch.distributed.checkpoint as dcp
 
         from cpt.trainer import distributed
 
         self.wait()
-        world, name = self.world, f"checkpoint-{step}"
+        world, name = self.world, name or f"checkpoint-{step}"
         tmp = temp_dir(self.out, name)
         if world.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -246,7 +255,7 @@ class Checkpointer:
             dcp.load(state, checkpoint_id=str(folder), no_dist=not self.world.distributed)
         optim = get_optimizer_state_dict(self.model, self.optimizer)
         optim["state"] = state["optimizer"]["state"]
-        set_model_state_dict(self.model, state["model"])
+        set_model_state_dict(self.model, state["model"], options=self.model_options())
         set_optimizer_state_dict(self.model, self.optimizer, optim)
         self.scheduler.load_state_dict(torch_load(folder / "scheduler.pt"))
         for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):

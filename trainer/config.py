@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from cpt.trainer.adapters import PeftConfig
 from cpt.trainer.data import DataConfig, SourceConfig
 from cpt.trainer.schedules import SCHEDULES
 
@@ -71,9 +72,14 @@ class TrainConfig:
     """A step with a NaN/inf loss or gradient norm is skipped and counted; this many in a row stop the run."""
     log_every_steps: int = 1
     """Write a metrics.jsonl / TensorBoard line every N steps (eval steps are always written)."""
+    peft: PeftConfig | None = None
+    """LoRA CPT through peft ({method: lora, r, alpha, dropout, target_modules, train_embeddings,
+    embedding_lr_ratio}); null = train every weight."""
 
     def problems(self) -> list[str]:
         found = []
+        if self.peft is not None and self.fsdp:
+            found.append("peft: LoRA runs on one process or under DDP, not with fsdp: true (set fsdp: false)")
         if (self.max_steps is None) == (self.max_tokens is None):
             found.append("max_steps / max_tokens: give exactly one of them")
         for key in ("max_steps", "max_tokens", "micro_batch_size", "grad_accum", "loss_chunk_size"):
@@ -113,15 +119,21 @@ class KLConfig:
 
 @dataclass
 class EWCConfig:
-    """Elastic weight consolidation: weight * sum F (theta - theta*)^2 with a diagonal Fisher F.
+    """Elastic weight consolidation: (weight / 2) * sum F (theta - theta*)^2 with a per-token diagonal Fisher F.
 
+    F is a mean over tokens, so (lambda / 2) sum F (dtheta)^2 is, to second order, the rise of the per-token
+    NLL on the Fisher's text: weight 1 trades one nat of general loss for one nat of domain loss. Sweep
+    weight over 1, 10, 100, 1000 and watch general_ppl (the quadratic model holds only near theta*).
     Memory: two extra fp32 copies of the trainable parameters (F and theta*), sharded under FSDP.
     """
 
     weight: float = 0.0
     """lambda; 0 disables EWC."""
+    fisher: Literal["empirical", "true"] = "empirical"
+    """empirical: gradients of the text's own next tokens; true: of labels sampled from the model (+1 forward)."""
     fisher_samples: int = 256
-    """Sequences of general text the Fisher is estimated from (fewer if the source has fewer)."""
+    """Sequences of general text the Fisher is estimated from (fewer if the source has fewer), drawn at random
+    (seed: the run's seed) from the whole source."""
     source: str | None = None
     """Data source or eval set name to estimate F on; null = the first non-domain source, else eval set general."""
     fisher_path: str | None = None
@@ -168,6 +180,9 @@ class CheckpointConfig:
     """<eval set>_ppl to minimise for output_dir/best/; null = no best/."""
     max_general_ppl_increase: float | None = 0.05
     """best/ only accepts steps whose general_ppl <= (1 + this) * step-0 general_ppl; null = no constraint."""
+    branch_before_decay: bool = False
+    """wsd: also save output_dir/stable-checkpoint-STEP/ after the last stable step (never pruned), the state
+    a cooldown branch starts from (`cpt train --from-checkpoint DIR --set data.anneal...`)."""
     async_save: bool = False
     """Write checkpoint-STEP's model/optimizer shards in a background thread (dcp.async_save); training goes on."""
     export_dtype: Literal["fp32", "bf16"] = "fp32"
@@ -252,6 +267,11 @@ class RunConfig:
             replay = [n for n in names if n != self.domain_source]
             if source is None and not replay and "general" not in self.eval.sets:
                 found.append("regularization.ewc: no general data for the Fisher; add a replay source")
+        wsd = self.train.lr_schedule == "wsd"
+        if self.data.anneal is not None and self.data.anneal.start == "decay" and not wsd:
+            found.append("data.anneal.start: decay needs train.lr_schedule: wsd (or give a fraction of the run)")
+        if self.checkpoint.branch_before_decay and not wsd:
+            found.append("checkpoint.branch_before_decay: needs train.lr_schedule: wsd (a stable phase to branch)")
         metric = self.checkpoint.best_metric
         if metric is not None and metric.removesuffix("_ppl") not in self.eval.sets:
             choices = [f"{n}_ppl" for n in self.eval.sets]
@@ -282,7 +302,7 @@ class RunConfig:
             found.append(f"regularization.ewc.fisher_path: {fisher} does not exist (null = estimate it)")
         if tokenizer_dir and Path(tokenizer_dir).is_dir():
             # Only datasets that exist: the missing ones are already listed (by DataConfig and above).
-            present = [s for s in self.data.sources if s is not None and has_manifest(s.path)]
+            present = [s for s in self.data.stream_sources() if s.path and has_manifest(s.path)]
             present += [SourceConfig(f"eval.sets.{n}", p) for n, p in self.eval.sets.items() if has_manifest(p)]
             found += check_sources(DataConfig(seq_len=self.data.seq_len, sources=present), str(tokenizer_dir))
             if self.model and (Path(self.model) / "config.json").is_file():

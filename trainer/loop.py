@@ -20,8 +20,8 @@ import warnings
 import torch
 
 from cpt.shared.config import config_hash, to_dict
+from cpt.trainer import adapters, anneal, distributed, weights
 from cpt.trainer import checkpoint as ckpt
-from cpt.trainer import distributed, weights
 from cpt.trainer.build import (  # noqa: F401 (re-exported: the loop's public names)
     FISHER,
     Parts,
@@ -60,22 +60,25 @@ def is_oom(err: BaseException) -> bool:
     return isinstance(err, RuntimeError) and ("can't allocate memory" in text or "not enough memory" in text)
 
 
-def train(cfg: RunConfig, resume: bool = False) -> TrainerState:
-    """Run (or resume) a CPT run described by `cfg`; returns the final counters."""
+def train(cfg: RunConfig, resume: bool = False, from_checkpoint: str | None = None) -> TrainerState:
+    """Run (or resume) a CPT run described by `cfg`; returns the final counters.
+
+    `from_checkpoint`: start a new run (a cooldown branch) in output_dir from another run's checkpoint.
+    """
     world = distributed.setup(cfg.train.device, cfg.train.dist_timeout_s)
     try:
-        return _train(cfg, resume, world)
+        return _train(cfg, resume, world, from_checkpoint)
     finally:
         distributed.teardown()
 
 
-def _train(cfg: RunConfig, resume: bool, world: distributed.Dist) -> TrainerState:
+def _train(cfg: RunConfig, resume: bool, world: distributed.Dist, from_checkpoint: str | None = None) -> TrainerState:
     """build(), then the loop, then final/."""
     from tqdm.auto import tqdm
 
     from cpt.trainer.data import trace_lines
 
-    parts = build(cfg, world, resume)
+    parts = build(cfg, world, resume, from_checkpoint)
     cfg, state, loader, optimizer, scheduler = parts.cfg, parts.state, parts.loader, parts.optimizer, parts.scheduler
     module, params, fisher, anchor = parts.module, parts.params, parts.fisher, parts.anchor
     names, domain_index, total_steps, eval_sets, out = (
@@ -92,8 +95,9 @@ def _train(cfg: RunConfig, resume: bool, world: distributed.Dist) -> TrainerStat
         run.evaluate_and_log({"step": 0}, eval_sets, eval_world)
     batches = iter(loader)  # created once: a fresh iter() per step would re-read the first batch (seed bug)
     bar = tqdm(total=total_steps, initial=state.step, disable=not main or None, desc="cpt train", unit="step")
-    with_kl = parts.reference is not None
+    with_kl = parts.objective.has_reference
     kl_sources = None if kl_cfg.on == "all" else [i for i in range(len(names)) if i != domain_index]
+    branch = anneal.branch_step(cfg, total_steps)
     while state.step < total_steps:
         started = time.perf_counter()
         micro = []
@@ -170,6 +174,8 @@ def _train(cfg: RunConfig, resume: bool, world: distributed.Dist) -> TrainerStat
             log.write(record)
         if state.step % cfg.checkpoint.every_steps == 0 or last:
             run.save_checkpoint()
+        if state.step == branch:
+            run.save_checkpoint(anneal.branch_name(state.step))
     bar.close()
     if state.step < total_steps:  # ended early (finite source): evaluate and checkpoint where it stopped
         if not state.evals or state.evals[-1]["step"] != state.step:
@@ -282,14 +288,17 @@ class Run:
             tmp.mkdir(parents=True)
         distributed.barrier(self.world)
         dtype = self.cfg.checkpoint.export_dtype
-        weights.save_hf_folder(tmp, model, self.parts.tokenizer, model.state_dict(), dtype, main)
+        state = model.state_dict()
+        if adapters.is_peft(model):  # LoRA: the merged model, loadable without peft
+            model, state = model.get_base_model(), adapters.merged_state_dict(model)
+        weights.save_hf_folder(tmp, model, self.parts.tokenizer, state, dtype, main)
         if main:
             (tmp / f"{name}.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
             ckpt.publish(tmp, self.out / name)
         distributed.barrier(self.world)
 
-    def save_checkpoint(self) -> None:
-        """output_dir/checkpoint-STEP/ (DCP + small files), published when complete (see checkpoint.py)."""
+    def save_checkpoint(self, name: str | None = None) -> None:
+        """output_dir/checkpoint-STEP/ (or NAME/, never pruned) as DCP + small files, published when complete."""
         world = self.world
 
         def payload() -> dict:
@@ -305,7 +314,7 @@ class Run:
                 "state": dataclasses.asdict(self.state),
             }
 
-        self.parts.checkpointer.save(self.state.step, self.parts.loader.state_dict(), payload)
+        self.parts.checkpointer.save(self.state.step, self.parts.loader.state_dict(), payload, name)
         if world.is_main:
             plot_report(read_metrics(self.out), self.out / REPORT)
 
@@ -315,6 +324,11 @@ class Run:
         self.save_model_folder(
             "final", {"step": self.state.step, "tokens": self.state.tokens, "evals": self.state.evals}
         )
+        if adapters.is_peft(self.parts.model) and self.world.is_main:
+            tmp = ckpt.temp_dir(self.out, adapters.ADAPTER)
+            shutil.rmtree(tmp, ignore_errors=True)
+            adapters.save_adapter(tmp, self.parts.model)
+            ckpt.publish(tmp, self.out / adapters.ADAPTER)
         self.log.offset()  # flush: the picture is drawn from metrics.jsonl on disk
         if self.world.is_main:
             plot_report(read_metrics(self.out), self.out / REPORT)

@@ -1,4 +1,7 @@
-"""`cpt train --config RUN.yaml [--set section.key=value ...] [--resume]` (also `torchrun -m cpt.trainer ...`)."""
+"""`cpt train --config RUN.yaml [--set section.key=value ...] [--resume] [--from-checkpoint DIR]`.
+
+Also `torchrun -m cpt.trainer ...`.
+"""
 
 from __future__ import annotations
 
@@ -20,6 +23,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value (repeat)"
     )
     parser.add_argument("--resume", action="store_true", help="continue from output_dir's newest complete checkpoint")
+    parser.add_argument(
+        "--from-checkpoint",
+        default=None,
+        metavar="DIR",
+        help="start this run (e.g. a cooldown branch with another data.anneal) from another run's checkpoint DIR",
+    )
     return parser.parse_args(argv)
 
 
@@ -36,7 +45,7 @@ def main(argv: list[str]) -> int:
     from cpt.trainer.loop import TrainError, train
 
     try:
-        train(cfg, resume=args.resume)
+        train(cfg, resume=args.resume, from_checkpoint=args.from_checkpoint)
     except (TrainError, DatasetError) as err:
         print(f"cpt train: {err}", file=sys.stderr)
         return 1

@@ -17,6 +17,11 @@ def warmup_steps_for(total_steps: int, warmup_ratio: float) -> int:
     return int(round(warmup_ratio * total_steps))
 
 
+def decay_start_step(total_steps: int, decay_ratio: float) -> int:
+    """wsd: the first (0-based) step of the linear decay; the steps before it are warmup + stable."""
+    return total_steps - max(1, int(round(decay_ratio * total_steps)))
+
+
 def lr_at(
     step: int,
     *,
@@ -41,8 +46,8 @@ def lr_at(
         progress = min(1.0, (step - warmup_steps) / max(1, last - warmup_steps))
         return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
     # wsd: warmup, stable at the peak, then a linear decay over the last `decay_ratio` of the run.
-    decay_steps = max(1, int(round(decay_ratio * total_steps)))
-    decay_start = total_steps - decay_steps
+    decay_start = decay_start_step(total_steps, decay_ratio)
+    decay_steps = total_steps - decay_start
     if step < decay_start:
         return lr
     progress = min(1.0, (step - decay_start + 1) / decay_steps)

@@ -83,6 +83,14 @@ def main(argv: list[str] | None = None) -> int:
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     total = args.total_tokens or _total_tokens(raw, cfg, world, micro, args.sequences)
+    if cfg.anneal is not None and cfg.anneal.start == "decay":  # the anneal starts where cpt train's wsd decays
+        from cpt.trainer.anneal import resolve_anneal
+        from cpt.trainer.config import TrainConfig
+
+        grad_accum = int((raw.get("train") or {}).get("grad_accum", TRAIN_DEFAULTS["grad_accum"]))
+        steps = max(1, total // (cfg.seq_len * micro * grad_accum * world))
+        ratio = float((raw.get("train") or {}).get("decay_ratio", TrainConfig.decay_ratio))
+        cfg = resolve_anneal(cfg, TrainConfig(decay_ratio=ratio), steps)
 
     def new_loader() -> MixtureLoader:
         return MixtureLoader(

@@ -14,8 +14,9 @@ class SourceConfig:
 
     name: str
     """Name used in logs, metrics, traces and `schedule.source`."""
-    path: str
-    """Folder written by `cpt prepare` (must contain manifest.json)."""
+    path: str | None = None
+    """Folder written by `cpt prepare` (must contain manifest.json); required except for a data.sources name
+    repeated in data.anneal.sources."""
     weight: float = 1.0
     """Relative token share when no schedule drives this source (normalised over the sources)."""
     finite: bool = False
@@ -60,6 +61,43 @@ class ScheduleConfig:
 
 
 @dataclass
+class AnnealConfig:
+    """The anneal (cooldown) phase: documents starting at or after `start` come from another mixture."""
+
+    start: float | Literal["decay"] = "decay"
+    """decay: the first token of the LR decay (train.lr_schedule: wsd); a number: that fraction of the run's tokens."""
+    sources: list[SourceConfig] = field(default_factory=list)
+    """The anneal mixture: names of `data.sources` (path may be omitted) and/or new sources with a path."""
+    schedule: ScheduleConfig | None = None
+    """A share schedule over the anneal phase (progress 0 at `start`, 1 at the end); null = constant weights."""
+
+    def problems(self) -> list[str]:
+        found = []
+        if self.start != "decay" and not (isinstance(self.start, float) and 0.0 < self.start < 1.0):
+            found.append(f"start: give decay or a fraction of the run in (0, 1), got {self.start!r}")
+        if not self.sources:
+            found.append("sources: give the anneal mixture ({name, weight}; a path for a source not in data.sources)")
+        names = [s.name for s in self.sources if s is not None]
+        if self.schedule is not None and self.schedule.source is not None and self.schedule.source not in names:
+            found.append(f"schedule.source: {self.schedule.source!r} is not one of the anneal sources {names}")
+        return found
+
+
+def _manifest_problem(where: str, path: str) -> str | None:
+    try:
+        fs, manifest = filesystem(join(path, MANIFEST))
+        exists = fs.exists(manifest)
+    except (ImportError, OSError, ValueError) as err:  # unknown protocol, missing fsspec backend, no access
+        return f"{where}: cannot open {path} ({err})"
+    if not exists:
+        return (
+            f"{where}: {path} has no {MANIFEST}; give a folder written by `cpt prepare` "
+            "(a run that did not finish writes no manifest)"
+        )
+    return None
+
+
+@dataclass
 class DataConfig:
     """How the trainer streams its data: sources, mixing schedule, packing and loader workers."""
 
@@ -78,6 +116,41 @@ class DataConfig:
     add_bos: bool | None = None
     """BOS before every document, in training and eval; null = the tokenizer's convention (LLaMA yes, GPT-2 no)."""
 
+    anneal: AnnealConfig | None = None
+    """A second mixture for the end of the run (WSD cooldown); null = one mixture all run."""
+
+    def stream_sources(self) -> list[SourceConfig]:
+        """Every source the stream draws from: `sources`, then the anneal's sources that are not among them."""
+        names = {s.name for s in self.sources if s is not None}
+        extra = [s for s in (self.anneal.sources if self.anneal else []) if s is not None and s.name not in names]
+        return [s for s in self.sources if s is not None] + extra
+
+    def anneal_problems(self) -> list[str]:
+        """Anneal sources: a known name keeps its data.sources path; a new name needs a prepared folder."""
+        if self.anneal is None:
+            return []
+        found = []
+        paths = {s.name: s.path for s in self.sources if s is not None}
+        for i, source in enumerate(self.anneal.sources):
+            if source is None:
+                continue
+            where = f"anneal.sources[{i}]"
+            if not source.weight > 0:
+                found.append(f"{where}.weight: must be > 0, got {source.weight} (drop the source instead)")
+            if source.name in paths:
+                if source.path and source.path != paths[source.name]:
+                    found.append(
+                        f"{where}.path: {source.name!r} is a data source with path {paths[source.name]}; "
+                        "omit the path or give the anneal source another name"
+                    )
+            elif not source.path:
+                found.append(f"{where}.path: {source.name!r} is not in data.sources, so it needs a path")
+            else:
+                problem = _manifest_problem(f"{where}.path", source.path)
+                if problem:
+                    found.append(problem)
+        return found
+
     def problems(self) -> list[str]:
         found = []
         if not isinstance(self.seq_len, int) or self.seq_len < 2:
@@ -92,6 +165,8 @@ class DataConfig:
         for name in sorted({n for n in names if names.count(n) > 1}):
             found.append(f"sources: name {name!r} is used twice; names must be unique")
         for i, source in enumerate(self.sources):
+            if source is not None and source.path is None:
+                found.append(f"sources[{i}].path: required (a folder written by `cpt prepare`)")
             if source is None or source.path is None:
                 continue
             if not source.weight > 0:
@@ -107,6 +182,7 @@ class DataConfig:
                     f"sources[{i}].path: {source.path} has no {MANIFEST}; give a folder written by `cpt prepare` "
                     "(a run that did not finish writes no manifest)"
                 )
+        found += self.anneal_problems()
         if self.schedule is not None and self.schedule.source is not None:
             if self.schedule.source not in names:
                 found.append(f"schedule.source: {self.schedule.source!r} is not a source name (sources: {names})")

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from cpt.shared.dataset import DatasetError, tokenizer_fingerprint
 from cpt.trainer.conventions import bos_labels, document_bos
 from cpt.trainer.data.config import DataConfig
-from cpt.trainer.data.mixture import MixtureStream, Sequence, initial_state, validate_state
+from cpt.trainer.data.mixture import MixtureStream, Sequence, extend_state, initial_state, validate_state
 from cpt.trainer.data.schedule import needs_total_tokens
 from cpt.trainer.data.sources import SourceIndex, local_tokenizer_dir, tokenizer_problem
 
@@ -87,9 +87,10 @@ class MixtureLoader:
         world_size: int = 1,
         total_tokens: int | None = None,
     ):
-        if needs_total_tokens(cfg.schedule) and not total_tokens:
+        if (needs_total_tokens(cfg.schedule) or cfg.anneal is not None) and not total_tokens:
+            what = f"a {cfg.schedule.type} schedule" if needs_total_tokens(cfg.schedule) else "an anneal phase"
             raise ValueError(
-                f"a {cfg.schedule.type} schedule is defined over the run's length: pass total_tokens "
+                f"{what} is defined over the run's length: pass total_tokens "
                 "(e.g. max_steps x world_size x micro_batch_size x grad_accum x seq_len)"
             )
         if micro_batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
@@ -97,8 +98,8 @@ class MixtureLoader:
         self.cfg, self.tokenizer, self.seed = cfg, tokenizer, seed
         self.micro_batch_size, self.rank, self.world_size = micro_batch_size, rank, world_size
         self.total_tokens = total_tokens
-        self.source_names = [s.name for s in cfg.sources]
-        self._indexes = [SourceIndex(s.name, s.path) for s in cfg.sources]
+        self.source_names = [s.name for s in cfg.stream_sources()]
+        self._indexes = [SourceIndex(s.name, s.path) for s in cfg.stream_sources()]
         self._refuse_foreign_token_shards()
         self.bos = document_bos(cfg.add_bos, tokenizer)
         self._state = initial_state(self.source_names, cfg.seq_len, seed, self.bos)
@@ -141,5 +142,6 @@ class MixtureLoader:
         return copy.deepcopy(self._state)
 
     def load_state_dict(self, state: dict) -> None:
+        state = extend_state(state, self.source_names)  # a cooldown branch may add anneal-only sources
         validate_state(state, self.source_names, self.cfg.seq_len, self.seed, self.bos)
         self._state = copy.deepcopy(state)

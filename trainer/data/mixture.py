@@ -51,6 +51,35 @@ def initial_state(names: list[str], seq_len: int, seed: int, bos: int | None = N
     }
 
 
+def extend_state(state: dict, names: list[str]) -> dict:
+    """A state of a stream whose sources are a prefix of `names`, with the new sources not yet drawn from.
+
+    This is how a cooldown branch adds its anneal-only sources to a checkpoint of the stable phase.
+    """
+    old = list(state.get("sources") or [])
+    if old == list(names) or old != list(names)[: len(old)]:
+        return state
+    new = len(names) - len(old)
+    state = copy.deepcopy(state)
+    state["sources"] = list(names)
+    state["cursors"] = state["cursors"] + [[0, 0, 0] for _ in range(new)]
+    state["consumed"] = state["consumed"] + [0] * new
+    state["owed"] = state["owed"] + [0.0] * new
+    return state
+
+
+def anneal_start_tokens(cfg: DataConfig, total_tokens: int | None) -> int | None:
+    """The stream token from which documents come from the anneal mixture; None without an anneal."""
+    if cfg.anneal is None:
+        return None
+    if not isinstance(cfg.anneal.start, float) or not total_tokens:
+        raise ValueError(
+            "data.anneal.start: decay is resolved from the LR schedule by `cpt train`; pass a fraction of the run "
+            "and total_tokens to use an anneal here"
+        )
+    return int(round(cfg.anneal.start * total_tokens))
+
+
 def validate_state(state: dict, names: list[str], seq_len: int, seed: int, bos: int | None = None) -> None:
     """Refuse a state taken from another mixture: resuming it would silently change the data order."""
     expected = {"version": STATE_VERSION, "sources": list(names), "seq_len": seq_len, "seed": seed, "bos": bos}
@@ -74,10 +103,16 @@ class MixtureStream:
         indexes: list[SourceIndex] | None = None,
     ):
         self.cfg, self.seed, self.total_tokens = cfg, seed, total_tokens
-        self.names = [s.name for s in cfg.sources]
-        self.weights = [s.weight for s in cfg.sources]
-        self.finite = [s.finite for s in cfg.sources]
-        indexes = indexes or [SourceIndex(s.name, s.path) for s in cfg.sources]
+        sources = cfg.stream_sources()
+        self.names = [s.name for s in sources]
+        self.weights = [s.weight if i < len(cfg.sources) else 0.0 for i, s in enumerate(sources)]
+        self.finite = [s.finite for s in sources]
+        self.anneal_start = anneal_start_tokens(cfg, total_tokens)
+        if cfg.anneal is not None:
+            anneal = {s.name: s.weight for s in cfg.anneal.sources}
+            self.anneal_weights = [anneal.get(name, 0.0) for name in self.names]
+        paths = {s.name: s.path for s in sources}
+        indexes = indexes or [SourceIndex(name, paths[name]) for name in self.names]
         self.bos = document_bos(cfg.add_bos, tokenizer)
         self.docs = [SourceDocs(index, tokenizer, seed, cfg.shuffle_buffer, self.bos) for index in indexes]
         self.eos = tokenizer.eos_token_id
@@ -85,6 +120,7 @@ class MixtureStream:
             raise ValueError("the tokenizer has no eos_token_id; packing needs one to separate documents")
         if state is None:
             state = initial_state(self.names, cfg.seq_len, seed, self.bos)
+        state = extend_state(state, self.names)
         validate_state(state, self.names, cfg.seq_len, seed, self.bos)
         self.state = copy.deepcopy(state)
 
@@ -92,8 +128,13 @@ class MixtureStream:
         return copy.deepcopy(self.state)
 
     def targets(self) -> list[float]:
-        consumed = sum(self.state["consumed"])
-        return target_shares(self.names, self.weights, self.cfg.schedule, consumed, self.total_tokens)
+        consumed = sum(self.state["consumed"])  # = the stream token at which the next document starts
+        if self.anneal_start is None or consumed < self.anneal_start:
+            return target_shares(self.names, self.weights, self.cfg.schedule, consumed, self.total_tokens)
+        # The anneal phase: its own weights and schedule, with progress measured from its start.
+        start, total = self.anneal_start, self.total_tokens
+        schedule = self.cfg.anneal.schedule
+        return target_shares(self.names, self.anneal_weights, schedule, consumed - start, total - start)
 
     def _open_next_document(self) -> bool:
         """Choose the lagging source and start its next document; False when a finite source ran out."""

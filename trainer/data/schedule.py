@@ -40,7 +40,7 @@ def target_shares(
     progress = consumed / total_tokens if total_tokens else 0.0
     driven = names.index(schedule.source)
     share = driven_share(schedule, progress)
-    rest = total_weight - weights[driven]
+    rest = (total_weight - weights[driven]) or 1.0  # only the driven source has weight: the others get 0
     return [share if i == driven else (1.0 - share) * w / rest for i, w in enumerate(weights)]
 
 

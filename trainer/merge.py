@@ -1,0 +1,295 @@
+"""Merge a continued-pre-trained model with its base: theta = (1 - alpha) * theta_base + alpha * theta_cpt.
+
+Weight interpolation with the base recovers much of what CPT forgot at a small cost in domain gain,
+with no retraining (model soups, Branch-and-Merge). `cpt merge` writes one Hugging Face folder per alpha:
+
+    cpt merge --base BASE_DIR --model CPT_DIR --alpha 0.25 --alpha 0.5 --alpha 0.75 --output DIR
+    -> DIR/alpha-0.25/, DIR/alpha-0.50/, DIR/alpha-0.75/  (each loads with from_pretrained; `cpt eval` on each)
+
+Streamed tensor by tensor: each input tensor is read lazily with safetensors' safe_open and each
+output tensor is written straight to its file, so peak memory is a few tensors, not two models (a 70B
+merge needs no 2x RAM). Sharded checkpoints (model.safetensors.index.json) keep the --model's shard
+layout; tied embeddings stay tied (a tensor absent from both files is re-tied by from_pretrained).
+Float tensors are combined in fp32 and stored in the --model's dtype; other tensors are copied from --model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import struct
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+#: Config fields that fix the tensors' meaning; a mismatch in any of them makes a merge meaningless.
+ARCHITECTURE_KEYS = (
+    "model_type",
+    "architectures",
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "intermediate_size",
+    "head_dim",
+    "tie_word_embeddings",
+    "rope_theta",
+    "max_position_embeddings",
+)
+#: Files copied from --model into every merged folder (config, generation config, tokenizer).
+COPIED = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "spiece.model",
+)
+FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
+DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4}
+DTYPE_BYTES.update({"I16": 2, "I8": 1, "U8": 1, "BOOL": 1, "U16": 2, "U32": 4, "U64": 8})
+
+
+class MergeError(ValueError):
+    """The two models cannot be merged; the message says what differs and what to give instead."""
+
+
+@dataclass(frozen=True)
+class Weights:
+    """Where each tensor of a model folder lives: tensor name -> safetensors file (relative name)."""
+
+    folder: Path
+    files: dict[str, str]
+    sharded: bool
+
+    @classmethod
+    def of(cls, folder: str | Path, flag: str) -> Weights:
+        folder = Path(folder)
+        if not (folder / "config.json").is_file():
+            raise MergeError(f"{flag} {folder}: not a Hugging Face model folder (no config.json)")
+        if (folder / INDEX).is_file():
+            weight_map = json.loads((folder / INDEX).read_text())["weight_map"]
+            return cls(folder, dict(weight_map), True)
+        if (folder / SINGLE).is_file():
+            from safetensors import safe_open
+
+            with safe_open(str(folder / SINGLE), framework="pt") as f:
+                return cls(folder, {name: SINGLE for name in f.keys()}, False)
+        if list(folder.glob("*.bin")):
+            raise MergeError(
+                f"{flag} {folder}: weights are pickled .bin files, which cpt never unpickles; re-save the model with "
+                "save_pretrained(..., safe_serialization=True) to get safetensors"
+            )
+        raise MergeError(f"{flag} {folder}: no {SINGLE} or {INDEX}")
+
+
+def alpha_folder(alpha: float) -> str:
+    """alpha-0.50: the output subfolder of one alpha."""
+    return f"alpha-{alpha:.2f}"
+
+
+def read_config(folder: Path) -> dict:
+    return json.loads((folder / "config.json").read_text())
+
+
+def architecture_problems(base: Path, model: Path) -> list[str]:
+    """Differences between the two configs in the fields that define the tensors."""
+    a, b = read_config(base), read_config(model)
+    text_a, text_b = a.get("text_config") or {}, b.get("text_config") or {}
+    found = []
+    for key in ARCHITECTURE_KEYS:
+        left, right = a.get(key, text_a.get(key)), b.get(key, text_b.get(key))
+        if left != right:
+            found.append(f"config.json {key}: base {left!r} != model {right!r}")
+    return found
+
+
+def tokenizer_problem(base: Path, model: Path) -> str | None:
+    """A message if both folders carry a tokenizer and the two differ (token ids would mean different text)."""
+    from cpt.shared.dataset import DatasetError, tokenizer_fingerprint
+
+    prints = []
+    for folder in (base, model):
+        try:
+            prints.append(tokenizer_fingerprint(str(folder)))
+        except DatasetError:
+            prints.append(None)
+    if None not in prints and prints[0] != prints[1]:
+        return (
+            f"the tokenizers of {base} and {model} differ (tokenizer.json / vocab files); a merged embedding row "
+            "would average two different tokens. Merge only a model with the base it was trained from"
+        )
+    return None
+
+
+def tensor_layout(weights: Weights) -> dict[str, tuple[str, list[int]]]:
+    """name -> (safetensors dtype string, shape), read from the file headers only (no tensor data)."""
+    from safetensors import safe_open
+
+    layout = {}
+    by_file: dict[str, list[str]] = {}
+    for name, file in weights.files.items():
+        by_file.setdefault(file, []).append(name)
+    for file, names in by_file.items():
+        with safe_open(str(weights.folder / file), framework="pt") as f:
+            for name in names:
+                piece = f.get_slice(name)
+                layout[name] = (piece.get_dtype(), list(piece.get_shape()))
+    return layout
+
+
+def check_compatible(base: Weights, model: Weights) -> dict[str, tuple[str, list[int]]]:
+    """The --model's tensor layout, after checking that base and model hold the same tensors with the same shapes."""
+    problems = architecture_problems(base.folder, model.folder)
+    tokenizer = tokenizer_problem(base.folder, model.folder)
+    if tokenizer:
+        problems.append(tokenizer)
+    base_layout, model_layout = tensor_layout(base), tensor_layout(model)
+    only_base = sorted(set(base_layout) - set(model_layout))
+    only_model = sorted(set(model_layout) - set(base_layout))
+    if only_base:
+        problems.append(f"{len(only_base)} tensor(s) only in the base, e.g. {only_base[:3]}")
+    if only_model:
+        problems.append(f"{len(only_model)} tensor(s) only in the model, e.g. {only_model[:3]}")
+    for name in sorted(set(base_layout) & set(model_layout)):
+        if base_layout[name][1] != model_layout[name][1]:
+            problems.append(f"{name}: shape {base_layout[name][1]} in the base, {model_layout[name][1]} in the model")
+    if problems:
+        raise MergeError(
+            f"cannot merge {model.folder} with base {base.folder}: "
+            + "; ".join(problems[:6])
+            + ("; ..." if len(problems) > 6 else "")
+            + ". Give the base the model was continued from"
+        )
+    return model_layout
+
+
+def write_safetensors(path: Path, layout: dict[str, tuple[str, list[int]]], tensors, metadata: dict) -> int:
+    """Write a safetensors file one tensor at a time; returns the bytes of tensor data.
+
+    Own writer (the format is a JSON header + raw bytes) because safetensors.save_file needs every tensor
+    in memory at once; here the header is computed from the known shapes and each tensor is streamed.
+    `tensors` yields (name, torch tensor) in the order of `layout`.
+    """
+    import torch
+
+    header, offset = {}, 0
+    for name, (dtype, shape) in layout.items():
+        size = math.prod(shape) * DTYPE_BYTES[dtype]
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + size]}
+        offset += size
+    header["__metadata__"] = {k: str(v) for k, v in metadata.items()}
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    with path.open("wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for (name, (dtype, shape)), (got, tensor) in zip(layout.items(), tensors, strict=True):
+            if got != name or list(tensor.shape) != shape:
+                raise RuntimeError(f"internal: expected {name} {shape}, got {got} {list(tensor.shape)}")
+            f.write(tensor.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return offset
+
+
+def merged_tensors(base: Weights, model: Weights, names: list[str], alpha: float):
+    """(name, tensor) for `names`: (1 - alpha) * base + alpha * model in fp32 for floats, in the model's dtype."""
+    from safetensors import safe_open
+
+    open_files: dict[tuple[str, str], object] = {}
+
+    def handle(weights: Weights, name: str):
+        key = (str(weights.folder), weights.files[name])
+        if key not in open_files:
+            open_files[key] = safe_open(str(weights.folder / weights.files[name]), framework="pt").__enter__()
+        return open_files[key]
+
+    try:
+        for name in names:
+            theta = handle(model, name).get_tensor(name)
+            if theta.is_floating_point():
+                theta0 = handle(base, name).get_tensor(name)
+                mixed = theta0.float().mul_(1.0 - alpha).add_(theta.float(), alpha=alpha)
+                theta = mixed.to(theta.dtype)
+            yield name, theta
+    finally:
+        for f in open_files.values():
+            f.__exit__(None, None, None)
+
+
+def merge_one(base: Weights, model: Weights, layout: dict, alpha: float, out: Path) -> Path:
+    """Write out/alpha-X.XX/ (weights, config, tokenizer, merge.json), assembled in a temp folder and renamed."""
+    from cpt.trainer import checkpoint as ckpt
+
+    name = alpha_folder(alpha)
+    tmp = ckpt.temp_dir(out, name)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    by_file: dict[str, list[str]] = {}
+    for tensor in layout:
+        by_file.setdefault(model.files[tensor], []).append(tensor)
+    total = 0
+    for file, names in by_file.items():
+        part = {n: layout[n] for n in names}
+        total += write_safetensors(tmp / file, part, merged_tensors(base, model, names, alpha), {"format": "pt"})
+    if model.sharded:
+        index = {"metadata": {"total_size": total}, "weight_map": dict(model.files)}
+        (tmp / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    for file in COPIED:
+        if (model.folder / file).is_file():
+            shutil.copy2(model.folder / file, tmp / file)
+    info = {"method": "linear", "alpha": alpha, "base": str(base.folder), "model": str(model.folder)}
+    (tmp / "merge.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+    ckpt.publish(tmp, out / name)
+    return out / name
+
+
+def merge(base: str | Path, model: str | Path, alphas: list[float], output: str | Path) -> list[Path]:
+    """Linear interpolation of `model` with `base` at each alpha; returns the folders written."""
+    bad = [a for a in alphas if not math.isfinite(a)]
+    if bad or not alphas:
+        raise MergeError(f"--alpha: give one or more finite numbers (0 = base, 1 = model), got {alphas}")
+    names = [alpha_folder(a) for a in alphas]
+    if len(set(names)) != len(names):
+        raise MergeError(f"--alpha: values {alphas} give the same folder name twice (two decimals are kept)")
+    base_w, model_w = Weights.of(base, "--base"), Weights.of(model, "--model")
+    layout = check_compatible(base_w, model_w)
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    return [merge_one(base_w, model_w, layout, a, out) for a in alphas]
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="cpt merge",
+        description="Interpolate a continued-pre-trained model with its base: (1 - alpha) * base + alpha * model.",
+    )
+    parser.add_argument("--base", required=True, help="HF folder of the base model the run started from")
+    parser.add_argument("--model", required=True, help="HF folder of the trained model (a run's final/ or best/)")
+    parser.add_argument(
+        "--alpha", type=float, action="append", required=True, help="weight of --model (repeat for a sweep)"
+    )
+    parser.add_argument("--output", required=True, help="folder that receives alpha-X.XX/ per alpha")
+    args = parser.parse_args(argv)
+    try:
+        folders = merge(args.base, args.model, args.alpha, args.output)
+    except MergeError as err:
+        print(f"cpt merge: {err}", file=sys.stderr)
+        return 2
+    for alpha, folder in zip(args.alpha, folders):
+        print(f"alpha {alpha:.2f} -> {folder}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
