@@ -119,6 +119,14 @@ def test_fisher_sequences_are_a_seeded_sample_of_the_whole_source(tokenizer_dir,
     assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["position_ids"], b["position_ids"])
     assert not torch.equal(a["input_ids"], c["input_ids"])
     assert not torch.equal(a["input_ids"], first_by_id)
+    # BOS as in training (data.add_bos): in front of every document, never a target; none for this tokenizer.
+    assert torch.equal(a["labels"], a["input_ids"])
+    with_bos = sampled_sequences(path, tokenizer, 64, 8, seed=0, add_bos=True)
+    ids, bos = with_bos["input_ids"], tokenizer.bos_token_id
+    assert ids[0, 0] == bos and ids[0, 1:].tolist() == a["input_ids"][0, : 64 - 1].tolist()  # the same first document
+    inserted = (ids == bos) & (with_bos["position_ids"] == 0)
+    assert torch.equal(with_bos["labels"] == -100, inserted)
+    assert torch.equal(with_bos["labels"][~inserted], ids[~inserted])
 
 
 def test_a_fisher_file_of_the_old_per_sequence_format_is_refused(model, tmp_path):

@@ -38,10 +38,10 @@ def package_readmes(limit: int, max_chars: int = 6000) -> list[str]:
     return [texts[name] for name in sorted(texts)][:limit]
 
 
-def make_datasets(root: Path, tokenizer_dir: Path) -> dict[str, str]:
+def make_datasets(root: Path, tokenizer_dir: Path, max_chars: int = 3000) -> dict[str, str]:
     """domain = standard-library Python, general = package READMEs; a train and a held-out split of each."""
-    code = stdlib_texts(48, max_chars=3000)
-    prose = package_readmes(36, max_chars=3000)
+    code = stdlib_texts(48, max_chars=max_chars)
+    prose = package_readmes(36, max_chars=max_chars)
     assert len(prose) >= 24, "the venv should hold at least 24 packages with a README"
     cut = len(prose) * 2 // 3
     splits = {
