@@ -267,7 +267,7 @@ def pii_errors(examples: list[PiiExample]) -> list[tuple[str, str]]:
 def readme_docs(size: int = 2000, limit: int = 200) -> list[str]:
     """~`size`-character English prose chunks from installed packages' long descriptions (READMEs)."""
     docs = []
-    for dist in sorted(importlib.metadata.distributions(), key=lambda d: d.metadata["Name"] or ""):
+    for dist in sorted(importlib.metadata.distributions(), key=lambda d: d.metadata.get("Name") or ""):
         body = dist.metadata.get_payload() or dist.metadata.get("Description") or ""
         docs.extend(body[i : i + size] for i in range(0, len(body) - size + 1, size))
         if len(docs) >= limit:

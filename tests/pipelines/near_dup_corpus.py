@@ -39,7 +39,7 @@ def _candidate_texts(min_words: int):
         yield from chunks(text, min_words)
     readmes = {}
     for dist in importlib.metadata.distributions():  # a layered venv lists a package twice: the first wins
-        readmes.setdefault(dist.metadata["Name"] or "", dist.metadata.get_payload() or "")
+        readmes.setdefault(dist.metadata.get("Name") or "", dist.metadata.get_payload() or "")
     for name in sorted(readmes):
         yield from chunks(readmes[name], min_words)
 

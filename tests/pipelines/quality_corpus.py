@@ -24,7 +24,7 @@ STDLIB_MODULES = (
 def _distributions() -> list[importlib.metadata.Distribution]:
     by_name = {}
     for dist in importlib.metadata.distributions():
-        name = (dist.metadata["Name"] or "").lower()
+        name = (dist.metadata.get("Name") or "").lower()
         if name and name not in by_name:
             by_name[name] = dist
     return [by_name[n] for n in sorted(by_name)]
@@ -62,9 +62,11 @@ def documents(seed: int = 0) -> list[tuple[str, str]]:
     """(kind, text) pairs, in a stable order."""
     rng = random.Random(seed)
     dists = _distributions()
-    summaries = [d.metadata["Summary"] for d in dists if d.metadata["Summary"] and len(d.metadata["Summary"]) > 10]
-    names = [d.metadata["Name"] for d in dists]
-    keywords = sorted({k.strip() for d in dists for k in (d.metadata["Keywords"] or "").replace(",", " ").split()})
+    summaries = [
+        d.metadata.get("Summary") for d in dists if d.metadata.get("Summary") and len(d.metadata.get("Summary")) > 10
+    ]
+    names = [d.metadata.get("Name") for d in dists]
+    keywords = sorted({k.strip() for d in dists for k in (d.metadata.get("Keywords") or "").replace(",", " ").split()})
     prose = _descriptions(90) + _docstrings() + _licence_sections(60)
     docs = [("prose", text) for text in prose]
     for _ in range(25):  # a site menu: short link texts, one per line
