@@ -19,9 +19,9 @@ import argparse
 import json
 import math
 import shutil
-import struct
 import sys
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 INDEX = "model.safetensors.index.json"
@@ -56,9 +56,6 @@ COPIED = (
     "tokenizer.model",
     "spiece.model",
 )
-FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
-DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4}
-DTYPE_BYTES.update({"I16": 2, "I8": 1, "U8": 1, "BOOL": 1, "U16": 2, "U32": 4, "U64": 8})
 
 
 class MergeError(ValueError):
@@ -162,6 +159,11 @@ def check_compatible(base: Weights, model: Weights) -> dict[str, tuple[str, list
         problems.append(f"{len(only_base)} tensor(s) only in the base, e.g. {only_base[:3]}")
     if only_model:
         problems.append(f"{len(only_model)} tensor(s) only in the model, e.g. {only_model[:3]}")
+    from cpt.trainer.weights import TORCH_DTYPES
+
+    unknown = sorted({dtype for dtype, _ in model_layout.values()} - set(TORCH_DTYPES))
+    if unknown:
+        problems.append(f"tensor dtype(s) {unknown} are not supported (supported: {sorted(TORCH_DTYPES)})")
     for name in sorted(set(base_layout) & set(model_layout)):
         if base_layout[name][1] != model_layout[name][1]:
             problems.append(f"{name}: shape {base_layout[name][1]} in the base, {model_layout[name][1]} in the model")
@@ -175,73 +177,58 @@ def check_compatible(base: Weights, model: Weights) -> dict[str, tuple[str, list
     return model_layout
 
 
-def write_safetensors(path: Path, layout: dict[str, tuple[str, list[int]]], tensors, metadata: dict) -> int:
-    """Write a safetensors file one tensor at a time; returns the bytes of tensor data.
+class _Inputs:
+    """The open safetensors files of base and model (opened once, on first use), and the merged tensor of a name."""
 
-    Own writer (the format is a JSON header + raw bytes) because safetensors.save_file needs every tensor
-    in memory at once; here the header is computed from the known shapes and each tensor is streamed.
-    `tensors` yields (name, torch tensor) in the order of `layout`.
-    """
-    import torch
+    def __init__(self, base: Weights, model: Weights):
+        self.base, self.model, self.open_files = base, model, {}
 
-    header, offset = {}, 0
-    for name, (dtype, shape) in layout.items():
-        size = math.prod(shape) * DTYPE_BYTES[dtype]
-        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + size]}
-        offset += size
-    header["__metadata__"] = {k: str(v) for k, v in metadata.items()}
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned, as safetensors writes it
-    with path.open("wb") as f:
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
-        for (name, (dtype, shape)), (got, tensor) in zip(layout.items(), tensors, strict=True):
-            if got != name or list(tensor.shape) != shape:
-                raise RuntimeError(f"internal: expected {name} {shape}, got {got} {list(tensor.shape)}")
-            f.write(tensor.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return offset
+    def tensor(self, weights: Weights, name: str):
+        from safetensors import safe_open
 
-
-def merged_tensors(base: Weights, model: Weights, names: list[str], alpha: float):
-    """(name, tensor) for `names`: (1 - alpha) * base + alpha * model in fp32 for floats, in the model's dtype."""
-    from safetensors import safe_open
-
-    open_files: dict[tuple[str, str], object] = {}
-
-    def handle(weights: Weights, name: str):
         key = (str(weights.folder), weights.files[name])
-        if key not in open_files:
-            open_files[key] = safe_open(str(weights.folder / weights.files[name]), framework="pt").__enter__()
-        return open_files[key]
+        if key not in self.open_files:
+            self.open_files[key] = safe_open(str(weights.folder / weights.files[name]), framework="pt").__enter__()
+        return self.open_files[key].get_tensor(name)
 
-    try:
-        for name in names:
-            theta = handle(model, name).get_tensor(name)
-            if theta.is_floating_point():
-                theta0 = handle(base, name).get_tensor(name)
-                mixed = theta0.float().mul_(1.0 - alpha).add_(theta.float(), alpha=alpha)
-                theta = mixed.to(theta.dtype)
-            yield name, theta
-    finally:
-        for f in open_files.values():
+    def merged(self, name: str, alpha: float):
+        """(1 - alpha) * base + alpha * model in fp32 for floats, in the model dtype; others from the model."""
+        theta = self.tensor(self.model, name)
+        if theta.is_floating_point():
+            mixed = self.tensor(self.base, name).float().mul_(1.0 - alpha).add_(theta.float(), alpha=alpha)
+            theta = mixed.to(theta.dtype)
+        return theta
+
+    def close(self) -> None:
+        for f in self.open_files.values():
             f.__exit__(None, None, None)
+        self.open_files.clear()
 
 
 def merge_one(base: Weights, model: Weights, layout: dict, alpha: float, out: Path) -> Path:
     """Write out/alpha-X.XX/ (weights, config, tokenizer, merge.json), assembled in a temp folder and renamed."""
     from cpt.trainer import checkpoint as ckpt
+    from cpt.trainer import weights
 
+    inputs = _Inputs(base, model)
     name = alpha_folder(alpha)
     tmp = ckpt.temp_dir(out, name)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    # The shared header-first writer streams one merged tensor at a time: peak memory is a few tensors.
+    entries = {
+        n: weights.Entry(tuple(shape), weights.TORCH_DTYPES[dtype], partial(inputs.merged, n, alpha))
+        for n, (dtype, shape) in layout.items()
+    }
     by_file: dict[str, list[str]] = {}
     for tensor in layout:
         by_file.setdefault(model.files[tensor], []).append(tensor)
     total = 0
-    for file, names in by_file.items():
-        part = {n: layout[n] for n in names}
-        total += write_safetensors(tmp / file, part, merged_tensors(base, model, names, alpha), {"format": "pt"})
+    try:
+        for file, names in by_file.items():
+            total += weights.write_safetensors_file(entries, names, tmp / file, metadata={"format": "pt"})
+    finally:
+        inputs.close()
     if model.sharded:
         index = {"metadata": {"total_size": total}, "weight_map": dict(model.files)}
         (tmp / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")

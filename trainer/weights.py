@@ -209,8 +209,11 @@ def entries_of(state: dict[str, torch.Tensor], dtype: torch.dtype | None = None,
 SAFETENSORS_DTYPES = {
     torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64",
     torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-    torch.bool: "BOOL",
+    torch.bool: "BOOL", torch.uint16: "U16", torch.uint32: "U32", torch.uint64: "U64",
+    torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
 }  # fmt: skip
+#: safetensors dtype string -> torch dtype (to build an Entry from a file header).
+TORCH_DTYPES = {code: dtype for dtype, code in SAFETENSORS_DTYPES.items()}
 
 
 def plan_files(entries: dict[str, Entry], max_shard_bytes: int) -> list[list[str]]:
@@ -243,6 +246,30 @@ def safetensors_header(entries: dict[str, Entry], names: list[str], metadata: di
     return len(raw).to_bytes(8, "little") + raw
 
 
+def write_safetensors_file(
+    entries: dict[str, Entry], names: list[str], path: str | Path, *, main: bool = True, metadata: dict | None = None
+) -> int:
+    """Write one safetensors file of `names`, header first, one fetched tensor at a time; renamed into place once
+    complete. Returns the bytes of tensor data. Every rank calls it (a fetch may be collective); only `main` writes.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") if main else contextlib.nullcontext() as f:
+        if main:
+            f.write(safetensors_header(entries, names, metadata))
+        for name in names:
+            tensor = entries[name].fetch()
+            if tuple(tensor.shape) != entries[name].shape or tensor.dtype != entries[name].dtype:
+                raise RuntimeError(f"internal: {name} should be {entries[name].shape} {entries[name].dtype}, "
+                                   f"got {tuple(tensor.shape)} {tensor.dtype}")  # fmt: skip
+            if main:
+                f.write(tensor.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+            del tensor
+    if main:
+        os.replace(tmp, path)
+    return sum(entries[name].nbytes for name in names)
+
+
 def write_safetensors(
     entries: dict[str, Entry],
     folder: str | Path,
@@ -263,17 +290,8 @@ def write_safetensors(
     written, weight_map = [], {}
     for i, names in enumerate(groups, 1):
         final = folder / (f"{prefix}-{i:05d}-of-{len(groups):05d}.safetensors" if many else f"{prefix}.safetensors")
-        tmp = folder / f".{final.name}.tmp"
-        with open(tmp, "wb") if main else contextlib.nullcontext() as f:
-            if main:
-                f.write(safetensors_header(entries, names, metadata))
-            for name in names:
-                tensor = entries[name].fetch()
-                if main:
-                    f.write(tensor.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-                del tensor
+        write_safetensors_file(entries, names, final, main=main, metadata=metadata)
         if main:
-            os.replace(tmp, final)
             written.append(final)
             weight_map.update({name: final.name for name in names})
     if main and many:

@@ -133,3 +133,32 @@ def test_cpt_merge_then_cpt_eval_on_the_merged_folder(tiny_model_dir, trained_di
     assert merge.main(["--base", str(tiny_model_dir), "--model", str(tmp_path / "nowhere"), "--alpha", "0.5",
                        "--output", str(tmp_path / "x")]) == 2  # fmt: skip
     assert "not a Hugging Face model folder" in capsys.readouterr().err
+
+
+def test_float8_and_unsigned_tensors_are_merged_or_copied_in_their_own_dtype(tiny_model_dir, tmp_path):
+    """Quantised checkpoints carry F8 weights and U16/U32 buffers; the shared writer stores each in its dtype."""
+    from safetensors.torch import save_file
+
+    extra = {
+        "extra.f8": torch.tensor([0.5, -1.0, 2.0, 0.25]),
+        "extra.u16": torch.tensor([1, 2, 65535], dtype=torch.uint16),
+    }
+    u32 = {"base": torch.tensor([7, 3_000_000_000], dtype=torch.uint32), "model": torch.tensor([8, 3_000_000_001])}
+    folders = {}
+    for name, scale in (("base", 1.0), ("model", 2.0)):
+        folder = tmp_path / name
+        shutil.copytree(tiny_model_dir, folder)
+        with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+        tensors["extra.f8"] = (extra["extra.f8"] * scale).to(torch.float8_e4m3fn)
+        tensors["extra.u16"] = extra["extra.u16"]
+        tensors["extra.u32"] = u32[name].to(torch.uint32)
+        save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        folders[name] = folder
+    (out,) = merge.merge(folders["base"], folders["model"], [0.5], tmp_path / "merged")
+    with safe_open(str(out / "model.safetensors"), framework="pt") as f:
+        f8, u16, u32 = f.get_tensor("extra.f8"), f.get_tensor("extra.u16"), f.get_tensor("extra.u32")
+    assert f8.dtype == torch.float8_e4m3fn and u16.dtype == torch.uint16 and u32.dtype == torch.uint32
+    assert f8.float().tolist() == [0.75, -1.5, 3.0, 0.375]  # floats are interpolated (exact in e4m3 here)
+    assert u16.tolist() == [1, 2, 65535]  # integers are the model's own
+    assert u32.tolist() == [8, 3_000_000_001]
