@@ -316,7 +316,10 @@ def restore(folder: Path, cfg: RunConfig, world, checkpointer, loader) -> Traine
     # The mixture state is global (the same on every rank); RNG states are per rank and only restored when the
     # rank still exists in the same layout.
     rng, data_state = ckpt.read_rank_files(folder, world.rank if same_world else 0)
-    loader.load_state_dict(data_state)
+    try:
+        loader.load_state_dict(data_state)
+    except ValueError as err:  # another mixture, seq_len, seed or BOS rule: a one-line refusal, not a traceback
+        raise TrainError(f"cannot resume from {folder}: {err}") from None
     if same_world:
         ckpt.set_rng_state(rng)
     return TrainerState(**saved["state"])

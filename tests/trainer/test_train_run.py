@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -142,6 +144,17 @@ def test_a_second_start_without_resume_is_refused(finished):
     out, cfg, *_ = finished
     with pytest.raises(TrainError, match="already holds checkpoints .* pass --resume"):
         train(cfg)
+
+
+def test_a_resume_with_another_data_config_is_a_one_line_refusal(finished, tmp_path):
+    out, cfg, *_ = finished
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy)
+    changed = dataclasses.replace(cfg, output_dir=str(copy), data=dataclasses.replace(cfg.data, seq_len=SEQ // 2))
+    with pytest.raises(
+        TrainError, match=r"cannot resume from .*checkpoint-\d+: mixture state .*seq_len: state has 64"
+    ):
+        train(changed, resume=True)
 
 
 def test_non_finite_losses_are_skipped_then_stop_the_run(tmp_path, tiny_model_dir, data):
