@@ -180,8 +180,8 @@ def check_compatible(base: Weights, model: Weights) -> dict[str, tuple[str, list
 class _Inputs:
     """The open safetensors files of base and model (opened once, on first use), and the merged tensor of a name."""
 
-    def __init__(self, base: Weights, model: Weights):
-        self.base, self.model, self.open_files = base, model, {}
+    def __init__(self, base: Weights, model: Weights, density: float = 1.0):
+        self.base, self.model, self.density, self.open_files = base, model, density, {}
 
     def tensor(self, weights: Weights, name: str):
         from safetensors import safe_open
@@ -192,11 +192,15 @@ class _Inputs:
         return self.open_files[key].get_tensor(name)
 
     def merged(self, name: str, alpha: float):
-        """(1 - alpha) * base + alpha * model in fp32 for floats, in the model dtype; others from the model."""
+        """base + alpha * trim(model - base) in fp32 for floats, in the model dtype; others from the model.
+
+        With density 1 (no trim) this is (1 - alpha) * base + alpha * model.
+        """
         theta = self.tensor(self.model, name)
         if theta.is_floating_point():
-            mixed = self.tensor(self.base, name).float().mul_(1.0 - alpha).add_(theta.float(), alpha=alpha)
-            theta = mixed.to(theta.dtype)
+            theta0 = self.tensor(self.base, name).float()
+            delta = trim(theta.float().sub_(theta0), self.density)
+            theta = theta0.add_(delta, alpha=alpha).to(theta.dtype)
         return theta
 
     def close(self) -> None:
@@ -205,12 +209,27 @@ class _Inputs:
         self.open_files.clear()
 
 
-def merge_one(base: Weights, model: Weights, layout: dict, alpha: float, out: Path) -> Path:
+def trim(delta, density: float):
+    """TIES' trim step: keep the `density` fraction of entries with the largest |delta| (ties at the cut are kept),
+    zero the rest. Per tensor, as in Yadav et al. 2023; density 1 returns `delta` unchanged."""
+    import torch
+
+    if density >= 1.0 or delta.numel() == 0:
+        return delta
+    keep = max(1, math.ceil(density * delta.numel()))
+    magnitude = delta.abs().flatten()
+    cut = torch.kthvalue(magnitude, magnitude.numel() - keep + 1).values
+    return delta.mul_(delta.abs() >= cut)
+
+
+def merge_one(
+    base: Weights, model: Weights, layout: dict, alpha: float, out: Path, method: str = "linear", density: float = 1.0
+) -> Path:
     """Write out/alpha-X.XX/ (weights, config, tokenizer, merge.json), assembled in a temp folder and renamed."""
     from cpt.trainer import checkpoint as ckpt
     from cpt.trainer import weights
 
-    inputs = _Inputs(base, model)
+    inputs = _Inputs(base, model, density if method == "ties" else 1.0)
     name = alpha_folder(alpha)
     tmp = ckpt.temp_dir(out, name)
     shutil.rmtree(tmp, ignore_errors=True)
@@ -235,17 +254,33 @@ def merge_one(base: Weights, model: Weights, layout: dict, alpha: float, out: Pa
     for file in COPIED:
         if (model.folder / file).is_file():
             shutil.copy2(model.folder / file, tmp / file)
-    info = {"method": "linear", "alpha": alpha, "base": str(base.folder), "model": str(model.folder)}
+    info = {"method": method, "alpha": alpha, "base": str(base.folder), "model": str(model.folder)}
+    if method == "ties":
+        info["density"] = density
     (tmp / "merge.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
     ckpt.publish(tmp, out / name)
     return out / name
 
 
-def merge(base: str | Path, model: str | Path, alphas: list[float], output: str | Path) -> list[Path]:
-    """Linear interpolation of `model` with `base` at each alpha; returns the folders written."""
+METHODS = ("linear", "ties")
+
+
+def merge(
+    base: str | Path,
+    model: str | Path,
+    alphas: list[float],
+    output: str | Path,
+    method: str = "linear",
+    density: float = 0.2,
+) -> list[Path]:
+    """`model` merged with `base` at each alpha (linear interpolation, or TIES-trimmed task vector); the folders."""
     bad = [a for a in alphas if not math.isfinite(a)]
     if bad or not alphas:
         raise MergeError(f"--alpha: give one or more finite numbers (0 = base, 1 = model), got {alphas}")
+    if method not in METHODS:
+        raise MergeError(f"--method: {method!r} is not one of {', '.join(METHODS)}")
+    if method == "ties" and not 0.0 < density <= 1.0:
+        raise MergeError(f"--density: the fraction of each task vector kept must be in (0, 1], got {density}")
     names = [alpha_folder(a) for a in alphas]
     if len(set(names)) != len(names):
         raise MergeError(f"--alpha: values {alphas} give the same folder name twice (two decimals are kept)")
@@ -253,13 +288,13 @@ def merge(base: str | Path, model: str | Path, alphas: list[float], output: str 
     layout = check_compatible(base_w, model_w)
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
-    return [merge_one(base_w, model_w, layout, a, out) for a in alphas]
+    return [merge_one(base_w, model_w, layout, a, out, method, density) for a in alphas]
 
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="cpt merge",
-        description="Interpolate a continued-pre-trained model with its base: (1 - alpha) * base + alpha * model.",
+        description="Merge a continued-pre-trained model with its base: (1 - alpha) * base + alpha * model, or TIES.",
     )
     parser.add_argument("--base", required=True, help="HF folder of the base model the run started from")
     parser.add_argument("--model", required=True, help="HF folder of the trained model (a run's final/ or best/)")
@@ -267,9 +302,17 @@ def main(argv: list[str]) -> int:
         "--alpha", type=float, action="append", required=True, help="weight of --model (repeat for a sweep)"
     )
     parser.add_argument("--output", required=True, help="folder that receives alpha-X.XX/ per alpha")
+    parser.add_argument(
+        "--method",
+        choices=METHODS,
+        default="linear",
+        help="linear: (1 - alpha) * base + alpha * model; ties: base + alpha * the task vector (model - base) with "
+        "all but its largest --density fraction of entries per tensor zeroed (TIES' trim step)",
+    )
+    parser.add_argument("--density", type=float, default=0.2, help="ties: fraction of each task vector kept")
     args = parser.parse_args(argv)
     try:
-        folders = merge(args.base, args.model, args.alpha, args.output)
+        folders = merge(args.base, args.model, args.alpha, args.output, args.method, args.density)
     except MergeError as err:
         print(f"cpt merge: {err}", file=sys.stderr)
         return 2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 
 import pytest
@@ -162,3 +163,24 @@ def test_float8_and_unsigned_tensors_are_merged_or_copied_in_their_own_dtype(tin
     assert f8.float().tolist() == [0.75, -1.5, 3.0, 0.375]  # floats are interpolated (exact in e4m3 here)
     assert u16.tolist() == [1, 2, 65535]  # integers are the model's own
     assert u32.tolist() == [8, 3_000_000_001]
+
+
+def test_ties_keeps_the_largest_quarter_of_each_task_vector_and_density_one_is_linear(
+    tiny_model_dir, trained_dir, tmp_path
+):
+    (ties,) = merge.merge(tiny_model_dir, trained_dir, [0.5], tmp_path / "ties", method="ties", density=0.25)
+    (whole,) = merge.merge(tiny_model_dir, trained_dir, [0.5], tmp_path / "whole", method="ties", density=1.0)
+    (linear,) = merge.merge(tiny_model_dir, trained_dir, [0.5], tmp_path / "linear")
+    base, trained, got = state(tiny_model_dir), state(trained_dir), state(ties)
+    for name, value in state(whole).items():
+        torch.testing.assert_close(value, state(linear)[name], rtol=0, atol=1e-7)
+    for name in base:
+        delta = (trained[name] - base[name]).flatten()
+        kept = torch.zeros_like(delta, dtype=torch.bool)
+        kept[delta.abs().topk(math.ceil(0.25 * delta.numel())).indices] = True
+        expected = torch.where(kept, base[name].flatten() + 0.5 * delta, base[name].flatten())
+        torch.testing.assert_close(got[name].flatten(), expected, rtol=0, atol=1e-6, msg=name)
+    info = json.loads((ties / "merge.json").read_text())
+    assert (info["method"], info["density"]) == ("ties", 0.25)
+    with pytest.raises(merge.MergeError, match="--density"):
+        merge.merge(tiny_model_dir, trained_dir, [0.5], tmp_path / "bad", method="ties", density=0.0)
