@@ -110,8 +110,15 @@ def variant_overrides(variant: Variant, config: dict, paths: dict[str, str]) -> 
     return config
 
 
-def merge_command(base: str, model: Path, out: Path) -> list[str]:
+#: TIES' trim step on domain-only's task vector: keep the largest 20% of each tensor's change, at full weight.
+TIES_DENSITY = 0.2
+TIES_NAME = f"ties-{TIES_DENSITY:.2f}"
+
+
+def merge_command(base: str, model: Path, out: Path, ties: bool = False) -> list[str]:
     args = ["merge", "--base", base, "--model", str(model), "--output", str(out)]
+    if ties:
+        return cpt_command(*args, "--method", "ties", "--density", str(TIES_DENSITY), "--alpha", "1.0")
     for alpha in MERGE_ALPHAS:
         args += ["--alpha", str(alpha)]
     return cpt_command(*args)
@@ -212,6 +219,15 @@ def comparison(rows: list[dict]) -> list[str]:
             "- **Alexandrov et al. 2024** (merging the CPT model with its base recovers more of the forgetting than "
             f"it costs in domain gain): {verdict}. " + "; ".join(parts) + "."
         )
+    if TIES_NAME in by and "domain-only" in by:
+        r, d = by[TIES_NAME], by["domain-only"]
+        f0, g0 = d["forgetting_pct"], d["domain_gain_pct"]
+        removed = 100 * (f0 - r["forgetting_pct"]) / f0 if f0 > 0 else 0.0
+        kept = 100 * r["domain_gain_pct"] / g0 if g0 > 0 else 0.0
+        lines.append(
+            f"- {TIES_NAME} (TIES' trim, Yadav et al. 2023: only the largest {TIES_DENSITY:.0%} of each tensor's "
+            f"change kept): removed {removed:.0f}% of the forgetting and kept {kept:.0f}% of the domain gain."
+        )
     for name in ("curriculum", "kl", "ewc", "anneal"):
         if name in by and "domain-only" in by:
             r, d = by[name], by["domain-only"]
@@ -251,7 +267,8 @@ def write_experiment(
         f" {scale['grad_accum']} x {scale['seq_len']} tokens = {tokens:,} training tokens, LR re-warmed to"
         f" {scale['cpt_lr']:g} (2% warmup) and cosine-decayed to 0.1x; the same held-out sequences as the demo.",
         f"Exceptions: lora trains adapters only at {LORA_LR_FACTOR:g}x that lr; anneal uses wsd and draws its last"
-        f" {ANNEAL_RATIO:.0%} from an even code/general mix; merge-α = (1 − α)·base + α·domain-only (no training).",
+        f" {ANNEAL_RATIO:.0%} from an even code/general mix; merge-α = (1 − α)·base + α·domain-only (no training);"
+        f" {TIES_NAME} = base + the largest {TIES_DENSITY:.0%} (per tensor) of domain-only's change.",
         "Forgetting = general-ppl increase over the base; domain gain = domain-ppl decrease from the base.",
         "",
         results_table(base, rows, seconds),
@@ -327,6 +344,18 @@ def run_experiment(workdir: Path, variants: list[Variant], steps: int | None, fo
             seconds[name] = stages.times[f"{name}-eval"]
             rows.append(result_row(name, base, report.read_eval(out)))
             bpb[name] = report.read_eval(out, "bpb")
+        ties = runs / "ties-domain-only"
+        cmd = merge_command(state["base_model"], runs / "domain-only" / "final", ties, ties=True)
+        folder = ties / "alpha-1.00"
+        stages.run(
+            "ties-domain-only", {"cmd": cmd}, partial(stages.command, "exp-ties", cmd), (folder / "config.json",)
+        )
+        out = ties / f"{TIES_NAME}-eval.json"
+        cmd = eval_command(folder, state["eval_sets"], scale, out)
+        stages.run(f"{TIES_NAME}-eval", {"cmd": cmd}, partial(stages.command, f"exp-{TIES_NAME}-eval", cmd), (out,))
+        seconds[TIES_NAME] = stages.times["ties-domain-only"] + stages.times[f"{TIES_NAME}-eval"]
+        rows.append(result_row(TIES_NAME, base, report.read_eval(out)))
+        bpb[TIES_NAME] = report.read_eval(out, "bpb")
     report.plot_frontier(
         [(r["variant"], r["domain_gain_pct"], r["forgetting_pct"]) for r in rows], workdir / "frontier.png"
     )

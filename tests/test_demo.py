@@ -358,8 +358,12 @@ def test_lora_anneal_and_merge_variants_configure_runs_and_are_compared_with_the
         result_row("domain-only", base, {"domain": 50.0, "general": 60.0}),  # gain 75%, forgetting 50%
         result_row("lora", base, {"domain": 100.0, "general": 44.0}),  # gain 50%, forgetting 10%
         result_row("merge-0.50", base, {"domain": 80.0, "general": 44.0}),  # gain 60%, forgetting 10%
+        result_row("ties-0.20", base, {"domain": 80.0, "general": 44.0}),
     ]
     text = "\n".join(comparison(rows))
+    assert "ties-0.20 (TIES' trim" in text and "removed 80% of the forgetting and kept 80% of the domain gain" in text
+    ties = merge_command("BASE", Path("RUN/final"), Path("OUT"), ties=True)
+    assert ties[-6:] == ["--method", "ties", "--density", "0.2", "--alpha", "1.0"]
     assert "Biderman et al. 2024** (LoRA learns less and forgets less than full CPT): agrees" in text
     assert "Alexandrov et al. 2024** (merging" in text
     assert "): agrees. merge-0.50 removed 80% of the forgetting" in text
