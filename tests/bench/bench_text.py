@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import importlib.metadata
 import ipaddress
+import json
 import pydoc
 import random
 import string
@@ -17,6 +18,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from cpt.pipelines.text import PII_TYPES, detect_language, html_to_text, mask_pii
 from cpt.pipelines.text.pii import PLACEHOLDERS
@@ -259,6 +261,40 @@ def score_pii(examples: list[PiiExample]) -> dict[str, dict[str, float]]:
 def pii_errors(examples: list[PiiExample]) -> list[tuple[str, str]]:
     """(input, output) of every example the masker got wrong: what to look at when a figure drops."""
     return [(e.text, masked) for e in examples if (masked := mask_pii(e.text)[0]) != e.expected]
+
+
+PRESIDIO_CASES = Path(__file__).parents[1] / "pipelines" / "data" / "pii" / "presidio_cases.json"
+
+
+def presidio_cases() -> list[PiiExample]:
+    """Presidio's recognizer test cases (MIT; tests/pipelines/data/pii) as examples: each span Presidio must
+    find replaced by our placeholder, or the text unchanged where Presidio finds nothing. A case with two
+    values counts once: right only when both are masked."""
+    data = json.loads(PRESIDIO_CASES.read_text(encoding="utf-8"))
+    examples = []
+    for case in data["cases"]:
+        expected = case["text"]
+        for value in case["pii"]:
+            expected = expected.replace(value, PLACEHOLDERS[case["kind"]], 1)
+        examples.append(PiiExample(case["text"], expected, case["kind"] if case["pii"] else None))
+    return examples
+
+
+def score_presidio(examples: list[PiiExample] | None = None) -> dict[str, dict[str, int]]:
+    """Per type: positive cases masked exactly / all, and decoy cases (Presidio finds nothing) left unchanged."""
+    data = json.loads(PRESIDIO_CASES.read_text(encoding="utf-8"))
+    examples = examples if examples is not None else presidio_cases()
+    scores = {kind: {"found": 0, "positives": 0, "survived": 0, "decoys": 0} for kind in PII_TYPES}
+    for case, example in zip(data["cases"], examples):
+        right = mask_pii(example.text)[0] == example.expected
+        s = scores[case["kind"]]
+        if example.kind is None:
+            s["decoys"] += 1
+            s["survived"] += right
+        else:
+            s["positives"] += 1
+            s["found"] += right
+    return {kind: s for kind, s in scores.items() if s["positives"] or s["decoys"]}
 
 
 # --- throughput ------------------------------------------------------------------------------------------
