@@ -46,7 +46,7 @@ class FilterConfig:
     lang_max_chars: int = 1000
     """Language ID reads at most this many characters: the start, middle and end of a longer document."""
     lang_backend: str = "cascade"
-    """cascade (fastText lid.176, langdetect when fastText's top probability is below 0.55), fasttext or langdetect."""
+    """cascade (fastText lid.176, langdetect below 0.65 or min_lang_prob), fasttext or langdetect."""
 
     def problems(self) -> list[str]:
         out = []

