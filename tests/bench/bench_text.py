@@ -414,8 +414,9 @@ def bench_pii(examples: list[PiiExample], docs: list[str]) -> None:
                 fn(doc)
             best[label] = min(best[label], time.process_time() - start)
     print(f"  throughput on {len(docs)} README chunks ({megabytes:.2f} MB), per CPU second:")
+    base = best["mask_pii without the phonenumbers rule"]
     for label, seconds in best.items():
-        print(f"  {label:40} {megabytes / seconds:5.2f} MB/s  = {best['regex phones only'] / seconds:.2f}x")
+        print(f"  {label:40} {megabytes / seconds:5.2f} MB/s  = {base / seconds:.2f}x")
 
 
 def main() -> None:
