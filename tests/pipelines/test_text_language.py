@@ -180,14 +180,14 @@ def lingua_sentences() -> list[tuple[str, str]]:
 
 def test_the_cascade_is_accurate_on_thirty_languages():
     """1,500 real sentences of 30 languages (lingua-py's test data): tests/bench/bench_language.py compares the
-    backends side by side (langdetect 0.981, fastText 0.969, cascade 0.984 when measured); here, floors."""
+    backends side by side (langdetect 0.981, fastText 0.971, cascade 0.986 when measured); here, floors."""
     items = lingua_sentences()
     assert len({lang for lang, _ in items}) == 30
 
     wrong = Counter(lang for lang, s in items if detect_language(s)[0].split("-")[0] != lang)
     fasttext_right = sum(detect_language(s, backend="fasttext")[0] == lang for lang, s in items)
 
-    assert 1 - sum(wrong.values()) / len(items) >= 0.975, wrong
+    assert 1 - sum(wrong.values()) / len(items) >= 0.98, wrong
     assert max(wrong.values(), default=0) <= 10, wrong  # no language below 80%
     assert fasttext_right / len(items) >= 0.95
 
