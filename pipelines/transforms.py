@@ -179,18 +179,21 @@ class LengthStep:
 
 
 class LanguageStep:
-    """langdetect on a bounded prefix; stores lang / lang_prob on every document it sees."""
+    """Language ID (fastText, then langdetect) on a bounded sample; stores lang / lang_prob on every document."""
 
-    def __init__(self, langs: list[str], min_prob: float, max_chars: int):
-        self.langs, self.min_prob, self.max_chars = tuple(langs), min_prob, max_chars
+    def __init__(self, langs: list[str], min_prob: float, max_chars: int, backend: str = "cascade"):
+        self.langs, self.min_prob, self.max_chars, self.backend = tuple(langs), min_prob, max_chars, backend
 
     def setup(self):
         from cpt.pipelines.text import detect_language, language_reason
+        from cpt.pipelines.text.language import FASTTEXT_THRESHOLD
 
         self._detect, self._reason = detect_language, language_reason
+        # fastText decides alone only where its answer clears this filter's floor (see check_language)
+        self._threshold = max(FASTTEXT_THRESHOLD, self.min_prob)
 
     def __call__(self, doc: dict) -> str | None:
-        lang, prob = self._detect(doc["text"], max_chars=self.max_chars)
+        lang, prob = self._detect(doc["text"], self.max_chars, self.backend, self._threshold)
         doc["lang"], doc["lang_prob"] = lang, prob
         return self._reason(lang, prob, langs=self.langs, min_prob=self.min_prob)
 

@@ -8,10 +8,14 @@ Regexes are the field's tool here (datatrove, BigCode): no NER model is needed f
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+
+import phonenumbers
+from phonenumbers import Leniency
 
 from cpt.shared.dataset import PII_TYPES
 
@@ -134,12 +138,22 @@ _VERSION_CONTEXT = re.compile(
 )
 
 
+# A version by its own shape: a product token before it (`Chrome/118.0.0.0`, `pkg@1.2.3.4`), a pre-release or
+# build suffix after it (`1.2.3.4-beta`, `10.0.0.1+cu121`, `2.10.3.4rc1` is not matched at all).
+_PRODUCT_BEFORE = re.compile(r"[A-Za-z][\w.+-]*[/@]$")
+_VERSION_SUFFIX = re.compile(r"[-+~](?:alpha|beta|rc|dev|pre|post|snapshot|final|nightly|cu\d|cpu|[ab]\d)", re.I)
+
+
 def _is_ipv4(match: re.Match[str]) -> bool:
     """An IPv4 address that names a machine (private ones too); not a version such as `1.2.3.4` or `==2.0.0.1`."""
-    addr = match["addr"]
+    addr, text = match["addr"], match.string
     if all(len(part) == 1 for part in addr.split(".")):
         return False  # every part one digit: a version number far more often than an address
-    if _VERSION_CONTEXT.search(match.string, max(0, match.start() - 20), match.start()):
+    if _VERSION_CONTEXT.search(text, max(0, match.start() - 20), match.start()):
+        return False
+    if _PRODUCT_BEFORE.search(text, max(0, match.start() - 40), match.start()) or _VERSION_SUFFIX.match(
+        text, match.end()
+    ):
         return False
     ip = ipaddress.IPv4Address(addr)
     # Loopback, 0.0.0.0 and netmasks (255.255.255.0) name no machine or person.
@@ -154,16 +168,24 @@ def _is_ipv6(match: re.Match[str]) -> bool:
     except ValueError:
         return False
     groups = [group for group in re.split(r"[:.]", addr) if group]
-    if not any(c.isdigit() for c in addr) or ("::" in addr and len(groups) < 3):
+    if not any(c.isdigit() for c in addr):
         return False
-    return not (ip.is_loopback or ip.is_unspecified)
+    # Compressed to one or two groups only from a unicast prefix (`2001:db8::1`, `fe80::1`, `fd12::7`):
+    # `a1::b2`-like paths in code have neither four hex digits in front nor such a prefix.
+    if (
+        "::" in addr
+        and len(groups) < 3
+        and not re.fullmatch(r"(?:[23][0-9a-f]{3}|f[cd][0-9a-f]{2}|fe[89ab][0-9a-f])", groups[0].lower())
+    ):
+        return False
+    return not (ip.is_loopback or ip.is_unspecified or ip.is_multicast)
 
 
 # --- SSN, cards, phones ----------------------------------------------------------------------------------
 
 _SSN = re.compile(
     # SSA rules: area not 000, 666 or 9xx; group not 00; serial not 0000.
-    r"(?<![\w-])(?!000|666|9\d\d)\d{3}(?P<sep>[- ])(?!00)\d{2}(?P=sep)(?!0000)\d{4}(?![\w-]|\.\d)"
+    r"(?<![\w-])(?<!\d\.)(?!000|666|9\d\d)\d{3}(?P<sep>[- .])(?!00)\d{2}(?P=sep)(?!0000)\d{4}(?![\w-]|\.\d)"
     r"|(?<=[Ss][Ss][Nn])(?:[ \t]*(?:#|no\.?|number))?[ \t]*[:=]?[ \t]*(?P<pii>(?!000|666|9\d\d)\d{9})(?!\w)",
 )
 _CARD = re.compile(
@@ -175,7 +197,7 @@ _CARD = re.compile(
 )
 # Issuer prefixes of the major networks (Visa, Mastercard, Amex, Discover, JCB, Diners, UnionPay, Maestro).
 # Luhn alone lets one random number in ten through; millisecond timestamps (1.7e12) and ISBNs (978...) fail this.
-_CARD_ISSUER = re.compile(r"4|5[0-8]|6|3[4-9]|30[0-5]|2(?:22[1-9]|2[3-9]\d|[3-6]\d\d|7[01]\d|720)|2131|1800")
+_CARD_ISSUER = re.compile(r"4|5[0-8]|6|3[4-9]|30[0-5]|2(?:22[1-9]|2[3-9]\d|[3-6]\d\d|7[01]\d|720)|2131|1")
 
 
 def _luhn_ok(digits: str) -> bool:
@@ -192,8 +214,8 @@ def _is_card(match: re.Match[str]) -> bool:
     digits = re.sub(r"\D", "", match[0])
     if not 13 <= len(digits) <= 19 or not _CARD_ISSUER.match(digits):
         return False
-    # JCB's 15-digit 2131/1800 ranges only at that length: 13-digit millisecond timestamps start with 18 too.
-    return (len(digits) == 15 or not digits.startswith(("2131", "1800"))) and _luhn_ok(digits)
+    # JCB's 2131/1800 and UATP's 1 ranges only at 15 digits: 13-digit millisecond timestamps start with 1 too.
+    return (len(digits) == 15 or not digits.startswith(("2131", "1"))) and _luhn_ok(digits)
 
 
 _EXTENSION = r"(?:[ \t]?(?:x|ext\.?)[ \t]?\d{1,6})?"
@@ -216,6 +238,74 @@ def _is_phone(match: re.Match[str]) -> bool:
     return (9 if re.match(r"\+[2-9]", match[0]) else 10) <= digits <= 15
 
 
+# Other regions' numbers (Presidio's recognizer uses the same library): a cheap regex finds digit groups that
+# could be one (8-15 digits, separators or a '+' / 00 prefix), and only those reach `phonenumbers`, which knows
+# each region's numbering plan. National numbers must be valid in a region *and* grouped as that region writes
+# them (STRICT_GROUPING), so dates, ISBNs, SKUs and ranges, valid by digits alone somewhere, survive.
+_PHONE_REGIONS = ("GB", "DE", "FR", "IT", "ES", "NL", "IN", "JP", "CN", "KR", "BR", "MX", "AU", "IL", "RU")
+_OTHER_PHONE = re.compile(
+    # The lookahead wants 8 digits before any Python runs: most digit runs in text are shorter.
+    r"(?<![\w+.,:/-])(?=(?:[ ./()+-]{0,3}\d){8})"
+    r"(?:(?P<intl>\+|00)[1-9]\d{0,2}[ .-]?)?(?:\(\d{1,5}\)[ .-]?)?\d{1,12}(?:[ ./-]\d{1,8}){0,5}"
+    r"(?![\w-]|[.,:/]\d)"
+)
+# Shapes phonenumbers would spend a millisecond on to refuse: dates (`2024-03-07`, `06 07 2024`), dotted quads.
+_DATE_OR_QUAD = re.compile(
+    r"\d{4}([-./ ])\d{1,2}\1\d{1,2}|\d{1,2}([-./ ])\d{1,2}\2(?:1[89]|2\d)\d\d|\d{1,3}(?:\.\d{1,3}){3}"
+)
+# A bare digit run (no separator, no '+') is a phone only after a word that says so: `My CN number is 13812345678`.
+_PHONE_CONTEXT = re.compile(
+    r"(?:phone|tel|mobile|cell|call|fax|whatsapp|number|contact|电话|手机)\W{0,3}(?:\w+\W{1,3}){0,2}$", re.I
+)
+# Numbers that identify things, not people: `ISBN 0-306-40615-2`, `SKU 0451-2210-77`, `order #1234 5678`.
+_NOT_PHONE_CONTEXT = re.compile(
+    r"(?:isbn|issn|sku|order|invoice|ref|part|serial|model|item|case|ticket|patent|doi|lot)\W{0,4}(?:no\.?|#)?\W{0,2}$",
+    re.I,
+)
+
+
+@functools.lru_cache(maxsize=4096)  # the same candidate (a date format, a code constant) recurs within a corpus
+def _is_valid_phone(candidate: str, international: bool) -> bool:
+    if international:
+        return any(True for _ in phonenumbers.PhoneNumberMatcher(candidate, None, leniency=Leniency.VALID))
+    digits = sum(c.isdigit() for c in candidate)
+    for region in _PHONE_REGIONS:
+        try:  # parsing first is ~10x cheaper than the matcher, and refuses most candidates
+            if not phonenumbers.is_valid_number(phonenumbers.parse(candidate, region)):
+                continue
+        except phonenumbers.NumberParseException:
+            continue
+        for found in phonenumbers.PhoneNumberMatcher(candidate, region, leniency=Leniency.STRICT_GROUPING):
+            # The whole candidate, not a number inside it (`2024 0115 1234` holds a valid 8-digit number).
+            if sum(c.isdigit() for c in found.raw_string) == digits:
+                return True
+    return False
+
+
+def _is_other_phone(match: re.Match[str]) -> bool:
+    text, candidate = match.string, match[0]
+    digits = sum(c.isdigit() for c in candidate)
+    if not 8 <= digits <= 15:
+        return False
+    before = text[max(0, match.start() - 30) : match.start()]
+    if _NOT_PHONE_CONTEXT.search(before) or _VERSION_CONTEXT.search(before[-20:]):
+        return False
+    international = match["intl"] is not None
+    if not international:
+        if _DATE_OR_QUAD.fullmatch(candidate):
+            return False
+        groups = re.split(r"[ ./()-]+", candidate.strip("()"))
+        if not any(c in candidate for c in " ./-()") and not _PHONE_CONTEXT.search(before):
+            return False
+        if len(groups[-1]) == 1 or re.fullmatch(r"\d+\.\d+", candidate):
+            return False  # an ISBN's check digit (`0-306-40615-2`), a decimal (`7264.603879`)
+        if [len(g) for g in groups] == [3, 2, 4] or ("." in candidate and re.search(r"[ /()-]", candidate)):
+            return False  # SSN-shaped (the SSN rule decides: `078-05-0000` is none), or `693-09.4444`
+    if international and match["intl"] == "00":
+        candidate = "+" + candidate[2:]
+    return _is_valid_phone(candidate, international)
+
+
 _SECRET_RULES = (
     _Rule("secret", _PRIVATE_KEY),
     _Rule("secret", _TOKEN),
@@ -230,6 +320,7 @@ _PERSONAL_RULES = (
     _Rule("ssn", _SSN),
     _Rule("card", _CARD, _is_card),
     _Rule("phone", _PHONE, _is_phone),
+    _Rule("phone", _OTHER_PHONE, _is_other_phone),
 )
 
 
