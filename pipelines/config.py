@@ -205,6 +205,9 @@ class DecontaminateConfig:
     """Word n-gram length of an overlap (13: the GPT-3 / datatrove convention)."""
     min_overlap: int = 1
     """A training document sharing at least this many distinct n-grams with the eval sets is contaminated."""
+    max_train_docs: int = 10
+    """An n-gram in more than this many training documents is template text and matches nothing (GPT-3's
+    rule); 0 = every shared n-gram counts. Dedup runs first, so copies of one document count once."""
 
     def problems(self) -> list[str]:
         out = []
@@ -212,6 +215,8 @@ class DecontaminateConfig:
             out.append(f"decontaminate.ngram: must be >= 1, got {self.ngram}")
         if self.min_overlap < 1:
             out.append(f"decontaminate.min_overlap: must be >= 1, got {self.min_overlap}")
+        if self.max_train_docs < 0:
+            out.append(f"decontaminate.max_train_docs: must be >= 0 (0 = no limit), got {self.max_train_docs}")
         return out
 
 

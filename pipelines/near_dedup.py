@@ -330,14 +330,21 @@ def train_ngrams(doc: dict, ngram: int) -> list[tuple[int, tuple]]:
     return [(h, ("train", node)) for h in word_ngram_hashes(doc["text"], ngram)]
 
 
-def _matches(item) -> list[tuple]:
-    """One n-gram's group: (train node, eval id) for every training document that shares it with an eval doc."""
+def _matches(item, max_train_docs: int = 0) -> list[tuple]:
+    """One n-gram's group: (train node, eval id) for every training document that shares it with an eval doc.
+
+    An n-gram found in more than `max_train_docs` training documents (0 = no limit) is template text, not a
+    leaked eval passage, and matches nothing (GPT-3's rule: ignore 13-grams of more than 10 training documents).
+    """
     _, values = item
     eval_ids = [v[1] for v in values if v[0] == "eval"]
     if not eval_ids:
         return []
+    train = [v[1] for v in values if v[0] == "train"]
+    if max_train_docs and len(train) > max_train_docs:
+        return []
     first = min(eval_ids)
-    return [(v[1], (1, first)) for v in values if v[0] == "train"]
+    return [(node, (1, first)) for node in train]
 
 
 def _sum_matches(values) -> tuple[int, str]:
@@ -349,9 +356,10 @@ def _sum_matches(values) -> tuple[int, str]:
 class Decontaminate(beam.PTransform):
     """Reject training documents sharing >= min_overlap word n-grams with the eval shards (a join on the n-gram)."""
 
-    def __init__(self, eval_shards: list[str], ngram: int, min_overlap: int):
+    def __init__(self, eval_shards: list[str], ngram: int, min_overlap: int, max_train_docs: int = 10):
         super().__init__()
         self.eval_shards, self.ngram, self.min_overlap = list(eval_shards), ngram, min_overlap
+        self.max_train_docs = max_train_docs
 
     def expand(self, docs):
         n, min_overlap = self.ngram, self.min_overlap
@@ -367,7 +375,7 @@ class Decontaminate(beam.PTransform):
             (evals, train)
             | "Together" >> beam.Flatten()
             | "ByNgram" >> beam.GroupByKey()
-            | "Matches" >> beam.FlatMap(_matches)
+            | "Matches" >> beam.FlatMap(_matches, self.max_train_docs)
             | "PerDoc" >> beam.CombinePerKey(_sum_matches)
             | "Enough" >> beam.Filter(lambda kv: kv[1][0] >= min_overlap)
             | "EvalId" >> beam.MapTuple(lambda node, match: (node, match[1]))

@@ -185,7 +185,7 @@ def build_pipeline(p, cfg: PrepareConfig, files):
 
             d = cfg.decontaminate
             shards = [url for folder in d.datasets for url in shard_urls(folder)]
-            docs = docs | "Decontaminate" >> Decontaminate(shards, d.ngram, d.min_overlap)
+            docs = docs | "Decontaminate" >> Decontaminate(shards, d.ngram, d.min_overlap, d.max_train_docs)
     if cfg.tokenizer:
         docs = docs | "Tokenize" >> t.ApplyStep("tokenize", t.TokenizeStep(cfg.tokenizer))
     write = WriteDataset(cfg.output, cfg.num_shards, cfg.domain, cfg.tokenizer is not None, cfg.dead_letter_max_bytes)

@@ -20,6 +20,7 @@ from cpt.pipelines.near_dedup import (
     ComponentsFn,
     NearDedup,
     Signer,
+    _matches,
     band_edges,
     band_keys,
     components,
@@ -218,10 +219,25 @@ COMMON_PHRASES = (
 )
 
 
+# Generated text every pydoc page of a class carries: in more than max_train_docs (10) training documents, so its
+# 13-grams are template, not a leaked eval passage (GPT-3's rule).
+TEMPLATE = (
+    "Data descriptors defined here: __dict__ dictionary for instance variables (if defined) __weakref__ list of "
+    "weak references to the object (if defined)"
+)
+
+
+def test_an_ngram_of_more_than_max_train_docs_training_documents_matches_nothing():
+    group = [("eval", "eval-1")] + [("train", ("t", i)) for i in range(11)]
+    assert _matches(("h", group), max_train_docs=10) == []
+    assert len(_matches(("h", group), max_train_docs=0)) == 11 == len(_matches(("h", group[:12]), 11))
+    assert _matches(("h", group[:4]), 10) == [(("t", i), (1, "eval-1")) for i in range(3)]
+
+
 @pytest.mark.slow
 def test_decontaminate_rejects_documents_carrying_an_eval_passage_and_keeps_common_phrases(tmp_path):
     texts = base_texts(40)
-    evals = [f"{t}\n\n{COMMON_PHRASES[i % 3]}" for i, t in enumerate(texts[:6])]
+    evals = [f"{TEMPLATE} (eval page {i})\n\n{t}\n\n{COMMON_PHRASES[i % 3]}" for i, t in enumerate(texts[:6])]
     eval_dir = make_prepared_dataset(tmp_path / "eval", evals, id_prefix="eval")
     rng = random.Random(0)
     train = []
@@ -231,7 +247,7 @@ def test_decontaminate_rejects_documents_carrying_an_eval_passage_and_keeps_comm
         length = rng.randint(30, 80)
         start = rng.randrange(len(words) - length)
         passage = " ".join(words[start : start + length])
-        text = (
+        text = f"{TEMPLATE} (training page {i})\n\n" + (
             f"{body[:1200]}\n\n{passage}\n\n{body[1200:2400]}" if i % 2 == 0 else f"{body}\n\n{COMMON_PHRASES[i % 3]}"
         )
         train.append({"id": f"train-{i:03d}", "text": text, "carries": f"eval-{source:06d}" if i % 2 == 0 else None})
