@@ -70,9 +70,9 @@ def revised(html: str, copy: int) -> str:
     """The page with a revision note as its body's first paragraph (copy 0: the page as it is)."""
     if copy == 0:
         return html
-    note = f"<p>Revision {copy} of this page, as republished under another address.</p>"
-    at = html.find(">", max(html.find("<body"), 0)) + 1
-    return html[:at] + note + html[at:]
+    # In the first paragraph, which main-content extraction keeps (a paragraph of its own may be dropped).
+    at = html.find(">", max(html.find("<p>"), html.find("<p "), html.find("<body"), 0)) + 1
+    return html[:at] + f"(Revision {copy} of this page, republished under another address.) " + html[at:]
 
 
 def write_docs_jsonl(path: Path, target_bytes: int) -> tuple[int, int, int]:
