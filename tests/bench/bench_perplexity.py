@@ -6,8 +6,8 @@ batches of `batch_size`, and count the same tokens (the truncated token ids of e
   attention mask, a masked mean NLL per row; nothing else (no dead-letter handling, no length buckets);
   once on the whole texts and once on the heads cpt's tokenize() reads (the same tokens, less tokenizing);
 - handler: `CausalLMPerplexityHandler.run_inference` on RunInference-sized calls, as the pipeline runs it;
-- pipeline: `ScorePerplexity` (RunInference, the cut) in a Beam DirectRunner pipeline, start-up included,
-  and less start-up (the same pipeline on one document).
+- pipeline: `ScorePerplexity` (RunInference, the cut) in a Beam DirectRunner pipeline on the texts read from
+  a JSONL file, start-up included, and less start-up (the same pipeline on one document).
 Then `cpt prepare --preset text --ppl-model ...` runs twice with 1 worker and once with 2 worker processes,
 and the `ppl` columns (by id) are compared: they must be identical.
 The tiny model is built here (BPE on stdlib sources, a 2-layer LLaMA); nothing is downloaded.
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import sysconfig
 import tempfile
 import time
@@ -95,18 +96,28 @@ def token_count(lm, texts: list[str]) -> int:
 
 
 def pipeline_scoring(model_dir: Path, lm, texts: list[str]) -> tuple[int, float]:
+    """ScorePerplexity in a DirectRunner pipeline fed as `cpt prepare` feeds it: documents read from a JSONL file.
+
+    (Not beam.Create: it pickles and bz2-compresses every text into the pipeline, ~3 s of the timing here.)
+    """
     import apache_beam as beam
 
     from cpt.pipelines import transforms as t
     from cpt.pipelines.faults import NO_FAULTS
+    from cpt.pipelines.io import ReaderConfig, ReadInputs, expand_inputs
     from cpt.pipelines.perplexity import CausalLMPerplexityHandler
 
     handler = CausalLMPerplexityHandler(str(model_dir), MAX_TOKENS, BATCH_SIZE, faults=NO_FAULTS)
-    docs = [{"id": str(i), "text": x, "status": t.KEPT} for i, x in enumerate(texts)]
+    folder = Path(tempfile.mkdtemp(prefix="bench-ppl-docs-"))
+    lines = [json.dumps({"id": str(i), "text": x}) + "\n" for i, x in enumerate(texts)]
+    (folder / "docs.jsonl").write_text("".join(lines), encoding="utf-8")
+    files = expand_inputs([str(folder / "docs.jsonl")])
     start = time.perf_counter()
     with beam.Pipeline() as p:
-        _ = p | beam.Create(docs) | t.ScorePerplexity(handler, max_ppl=None, keep_percentile=None)
+        docs = p | ReadInputs(files, ReaderConfig("text", "id", 10_000_000, 4096))
+        _ = docs | t.ScorePerplexity(handler, max_ppl=None, keep_percentile=None)
     seconds = time.perf_counter() - start
+    shutil.rmtree(folder)
     return token_count(lm, texts), seconds
 
 
