@@ -283,8 +283,8 @@ def side_by_side(base: Path) -> None:
     pages, copies, size = write_docs_jsonl(path, target)
     mb = size / 1e6
     print(
-        f"2. one JSONL file of {pages} documentation pages ({mb:.1f} MB, the machine's pages {copies} times, "
-        "each copy edited); each contender in its own process"
+        f"2. one JSONL file of {pages} documentation pages ({mb:.1f} MB: {copies} pass(es) over the machine's "
+        "pages, each copy edited); each contender in its own process"
     )
     runs = [("bare loop (web text functions)", "bare", 1), ("datatrove (1 worker)", "datatrove", 1)]
     runs += [("cpt --preset web --workers 1", "cpt", 1), ("cpt --preset web --workers 2", "cpt", 2)]
