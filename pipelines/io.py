@@ -171,9 +171,13 @@ def dead_letter(doc_id: str, source: str, offset: int, raw: bytes | str, error: 
     return {"status": "dead", "id": doc_id, "source": source, "offset": offset, "raw": raw, "error": error}
 
 
-# Uncompressed JSONL over this size is read as byte ranges of this size, in parallel (Beam's textio splits
-# at about the same granularity); gzip, Parquet, Arrow and one-document files are read whole.
+# Uncompressed JSONL is read as byte ranges of at most this size, in parallel (Beam's textio splits at about
+# the same granularity); gzip, Parquet, Arrow and one-document files are read whole.
 SPLIT_BYTES = 64 << 20
+# A file over MIN_SPLIT_BYTES is cut into at least RANGES_PER_FILE ranges (of MIN_SPLIT_BYTES or more), so that
+# a single file fans out over the workers at reading, and the records need no reshuffle after it.
+MIN_SPLIT_BYTES = 1 << 20
+RANGES_PER_FILE = 32
 # Rows per Arrow/Parquet batch decoded into Python at once: a bound on a reader's memory, not a tuning knob.
 TABLE_BATCH_ROWS = 256
 
@@ -290,10 +294,23 @@ def is_splittable(file: InputFile) -> bool:
 
 
 def split_ranges(file: InputFile, split_bytes: int) -> list[ReadRange]:
-    """The ranges a file is read in: byte ranges of `split_bytes` for large uncompressed JSONL, else the whole file."""
-    if not is_splittable(file) or file.size <= split_bytes:
+    """The ranges a file is read in: byte ranges of uncompressed JSONL, else the whole file.
+
+    A range is at most `split_bytes`, and smaller where that gives a file over MIN_SPLIT_BYTES fewer than
+    RANGES_PER_FILE ranges (never under MIN_SPLIT_BYTES).
+    """
+    step = min(split_bytes, max(MIN_SPLIT_BYTES, -(-file.size // RANGES_PER_FILE)))
+    if not is_splittable(file) or file.size <= step:
         return [ReadRange(file, 0, file.size)]
-    return [ReadRange(file, s, min(s + split_bytes, file.size)) for s in range(0, file.size, split_bytes)]
+    return [ReadRange(file, s, min(s + step, file.size)) for s in range(0, file.size, step)]
+
+
+def ranges_fan_out(ranges: list[ReadRange]) -> bool:
+    """Whether reading these ranges already spreads the records over the workers: at least RANGES_PER_FILE
+    ranges, none over 2 / RANGES_PER_FILE of the input. Else (a few files, a big .gz or Parquet file) the
+    records are reshuffled after reading."""
+    total = sum(r.end - r.start for r in ranges)
+    return len(ranges) >= RANGES_PER_FILE and max(r.end - r.start for r in ranges) * RANGES_PER_FILE <= 2 * total
 
 
 def lines_starting_in(rng: ReadRange) -> int:
@@ -513,10 +530,12 @@ class ReadRangeDoFn(beam.DoFn):
 class ReadInputs(beam.PTransform):
     """The resolved input files -> records, spread over all workers.
 
-    Files are listed by the launcher, so user errors come before work. Large uncompressed JSONL is cut into
-    byte ranges read in parallel; a counting pass gives each range the number of lines before it, so ids are
-    the same however the file was cut. The records are reshuffled after reading: without it every step after
-    the read stays fused with it, and one large file would be one worker's job on every runner.
+    Files are listed and cut into ranges by the launcher, so user errors come before work. Large uncompressed
+    JSONL is cut into byte ranges read in parallel; a counting pass gives each range the number of lines
+    before it, so ids are the same however the file was cut. Every step after the read stays fused with it,
+    so where the ranges are too few or too uneven to spread the work (see ranges_fan_out) the records are
+    reshuffled after reading; elsewhere that shuffle of every record (encoded, held by the runner, decoded)
+    is skipped, and the ranges are what fans out.
     """
 
     def __init__(self, files: list[InputFile], cfg: ReaderConfig):
@@ -525,15 +544,17 @@ class ReadInputs(beam.PTransform):
         self.cfg = cfg
 
     def expand(self, pbegin):
-        return (
+        ranges = [rng for file in self.files for rng in split_ranges(file, self.cfg.split_bytes)]
+        records = (
             pbegin
-            | "ListFiles" >> beam.Create(self.files)
-            | "Split" >> beam.FlatMap(split_ranges, self.cfg.split_bytes)
+            | "ListRanges" >> beam.Create(ranges)
             | "SpreadRanges" >> beam.Reshuffle()
             | "CountLines" >> beam.Map(lambda rng: (rng.file.path, (rng, lines_starting_in(rng))))
             | "ByFile" >> beam.GroupByKey()
             | "Number" >> beam.FlatMap(number_ranges)
             | "SpreadNumbered" >> beam.Reshuffle()
             | "ReadRanges" >> beam.ParDo(ReadRangeDoFn(self.cfg))
-            | "SpreadRecords" >> beam.Reshuffle()
         )
+        if ranges and ranges_fan_out(ranges):
+            return records
+        return records | "SpreadRecords" >> beam.Reshuffle()

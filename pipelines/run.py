@@ -11,6 +11,7 @@ Unknown flags go to Beam's PipelineOptions (--runner, --direct_num_workers, --da
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import subprocess
@@ -23,9 +24,13 @@ from cpt.shared.config import ConfigError, config_hash, to_dict
 
 DEFAULT_RUNNER = "DirectRunner"
 # --workers by default: the cores, at most MAX_WORKERS (each worker holds its own models and langdetect
-# profiles), and no more than one per BYTES_PER_WORKER of input, since each costs seconds to start.
+# profiles), and no more than one per BYTES_PER_WORKER of input: each costs ~2.5 CPU s to start (Beam's SDK
+# harness, the steps' setup), and on documentation pages a second one broke even at ~25 MB (README).
 MAX_WORKERS = 8
-BYTES_PER_WORKER = 8 << 20
+BYTES_PER_WORKER = 32 << 20
+# The writer holds one shard's records at once (to sort them by id): larger inputs get more shards than
+# --num-shards, one per MAX_SHARD_BYTES of input, so that a worker's share stays bounded.
+MAX_SHARD_BYTES = 128 << 20
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,7 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ppl-batch-size", type=int)
     p.add_argument("--ppl-device", help="cpu (default), cuda or cuda:N: where each worker runs the perplexity model")
     p.add_argument("--tokenizer", help="tokenizer folder: adds input_ids and n_tokens")
-    p.add_argument("--num-shards", type=int)
+    p.add_argument(
+        "--num-shards",
+        type=int,
+        help=f"shards per output folder (default 4; at least one per {MAX_SHARD_BYTES >> 20} MB of input)",
+    )
     p.add_argument("--max-bytes", type=int, help="size guard per record (default 10 MB)")
     p.add_argument(
         "--workers",
@@ -252,6 +261,11 @@ def local_worker_args(beam_args: list[str], workers: int | None, input_bytes: in
     return [*beam_args, "--direct_num_workers", str(workers), "--direct_running_mode", "multi_processing"]
 
 
+def shards_for(num_shards: int, input_bytes: int) -> int:
+    """`num_shards`, or more where the input holds over MAX_SHARD_BYTES per shard."""
+    return max(num_shards, -(-input_bytes // MAX_SHARD_BYTES))
+
+
 def metric_lines(result) -> list[str]:
     """Beam counters per step and outcome, where the runner reports them (DaskRunner does not)."""
     try:
@@ -326,8 +340,13 @@ def prepare(cfg: PrepareConfig, beam_args: list[str], quiet: bool = False, worke
     # Inputs are matched here, before beam.Pipeline exists: filesystems such as s3:// need the options first.
     FileSystems.set_options(options)
     files = expand_inputs(cfg.inputs, cfg.format)
-    options = pipeline_options(local_worker_args(beam_args, workers, sum(f.size for f in files)))
+    input_bytes = sum(f.size for f in files)
+    options = pipeline_options(local_worker_args(beam_args, workers, input_bytes))
     notes = []
+    shards = shards_for(cfg.num_shards, input_bytes)
+    if shards != cfg.num_shards:
+        notes.append(f"num_shards {cfg.num_shards} -> {shards}: at most {MAX_SHARD_BYTES >> 20} MB of input per shard")
+        cfg = dataclasses.replace(cfg, num_shards=shards)
     if "perplexity" in cfg.steps and "perplexity" not in cfg.skip and not cfg.perplexity.model:
         notes.append("perplexity skipped: no --ppl-model")
     clean_output(cfg.output)

@@ -70,6 +70,19 @@ def test_perplexity_scores_are_the_same_alone_and_in_batches_of_any_size(tiny_mo
         }, batch_size
 
 
+def test_tokenizing_a_head_of_the_text_gives_the_same_first_tokens_as_the_whole_text(tiny_model_dir):
+    lm = perplexity.load_lm(str(tiny_model_dir))
+    texts = [text for _, text in topic_texts(40)]
+    texts += [p.read_text(encoding="utf-8") for p in sorted(STDLIB.glob("*.py"))[:40]]
+    # A long run that BPE merges into long tokens: its head holds too few tokens, so the whole text is read.
+    texts.append("=" * 20_000 + " and then the text goes on.")
+    assert any(len(text) > 256 * perplexity.PREFIX_CHARS_PER_TOKEN for text in texts)  # the head path runs
+    for max_tokens in (16, 64, 256):
+        for text in texts:
+            whole = list(lm.tokenizer(text, add_special_tokens=False)["input_ids"][:max_tokens])
+            assert perplexity.tokenize(lm, text, max_tokens) == whole, (max_tokens, text[:80])
+
+
 def nan_model(tiny_model_dir: Path, out: Path, token_id: int) -> Path:
     """The tiny model with one embedding row set to NaN: any document holding that token scores non-finite."""
     import torch

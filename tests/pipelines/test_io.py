@@ -71,9 +71,32 @@ def test_read_inputs_splits_a_large_file_and_fans_its_records_out(tmp_path):
     mixed_jsonl(tmp_path / "docs.jsonl")
     expected = [(r["id"], r["status"], r["offset"]) for r in read_all(tmp_path / "docs.jsonl", reader())]
     files = expand_inputs([str(tmp_path / "docs.jsonl")])
-    with BeamTestPipeline() as p:
-        out = p | ReadInputs(files, reader(split_bytes=333)) | beam.Map(lambda r: (r["id"], r["status"], r["offset"]))
-        assert_that(out, equal_to(expected))
+    # ~100 ranges fan out by themselves; one range (the whole file) takes the records reshuffle: same records.
+    for split, fans_out in ((333, True), (1 << 30, False)):
+        assert io.ranges_fan_out(io.split_ranges(files[0], split)) is fans_out
+        with BeamTestPipeline() as p:
+            read = p | ReadInputs(files, reader(split_bytes=split))
+            out = read | beam.Map(lambda r: (r["id"], r["status"], r["offset"]))
+            assert_that(out, equal_to(expected))
+
+
+def test_a_large_file_is_cut_into_enough_ranges_to_fan_out_and_a_gzip_file_is_not():
+    def file(size: int, name: str = "big.jsonl") -> io.InputFile:
+        return io.InputFile(f"/data/{name}", name, "jsonl", size)
+
+    for size, step in ((40 << 20, 40 << 15), (10 << 20, io.MIN_SPLIT_BYTES), (4 << 30, io.SPLIT_BYTES)):
+        ranges = io.split_ranges(file(size), io.SPLIT_BYTES)
+        assert [r.start for r in ranges] == list(range(0, size, step)), size
+        assert ranges[-1].end == size and all(a.end == b.start for a, b in zip(ranges, ranges[1:]))
+        assert len(ranges) >= min(io.RANGES_PER_FILE, size // io.MIN_SPLIT_BYTES)
+        assert io.ranges_fan_out(ranges) is (len(ranges) >= io.RANGES_PER_FILE)
+    assert io.split_ranges(file(io.MIN_SPLIT_BYTES), io.SPLIT_BYTES) == [
+        io.ReadRange(file(io.MIN_SPLIT_BYTES), 0, 1 << 20)
+    ]
+    # One big .gz beside many small files: the .gz is one range holding most of the input, so records reshuffle.
+    small = [r for i in range(40) for r in io.split_ranges(file(1000, f"s{i}.jsonl"), io.SPLIT_BYTES)]
+    gz = io.split_ranges(io.InputFile("/data/big.jsonl.gz", "big.jsonl.gz", "jsonl", 1 << 30), io.SPLIT_BYTES)
+    assert len(gz) == 1 and io.ranges_fan_out(small) and not io.ranges_fan_out(small + gz)
 
 
 def texts_table(n: int, giant_rows: tuple[int, ...], max_bytes: int) -> pa.Table:

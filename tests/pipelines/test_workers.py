@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from cpt.pipelines.run import BYTES_PER_WORKER, MAX_WORKERS, local_worker_args, main
+from cpt.pipelines.run import BYTES_PER_WORKER, MAX_SHARD_BYTES, MAX_WORKERS, local_worker_args, main, shards_for
 
 MULTI = ["--direct_running_mode", "multi_processing"]
 
@@ -36,3 +36,10 @@ def test_workers_below_one_is_a_user_error(tmp_path, capsys):
     assert main(["--input", str(data), "--output", str(tmp_path / "out"), "--workers", "0"]) == 2
     assert capsys.readouterr().err.strip() == "cpt prepare: error: --workers 0: give 1 or more worker processes"
     assert not (tmp_path / "out").exists()
+
+
+def test_large_inputs_get_more_shards_so_a_shard_stays_bounded():
+    assert shards_for(4, 0) == 4 and shards_for(4, 4 * MAX_SHARD_BYTES) == 4  # the given count up to the bound
+    assert shards_for(4, 4 * MAX_SHARD_BYTES + 1) == 5
+    assert shards_for(4, 2_000_000_000) == -(-2_000_000_000 // MAX_SHARD_BYTES) == 15
+    assert shards_for(64, 2_000_000_000) == 64  # never fewer than asked for
