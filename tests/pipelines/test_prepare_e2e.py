@@ -240,7 +240,7 @@ def test_same_file_names_under_two_patterns_and_a_lone_surrogate_keep_every_reco
     out = tmp_path / "out"
     manifest = prepare(
         "--input", tmp_path / "a" / "*.jsonl", "--input", tmp_path / "b" / "*.jsonl", "--output", out,
-        "--skip", "length", "language", "--num-shards", 1,
+        "--skip", "length", "language", "quality", "--num-shards", 1,
     )  # fmt: skip
     assert manifest["counts"] == {"input": 6, "kept": 3, "rejected": {}, "dead_letter": 3}
     kept = datasets.load_from_disk(str(out))
