@@ -311,8 +311,9 @@ _NAME_LINE = re.compile(r"^\s*[\w.]+\s*(=\s*[\w.]+\s*)?(\(.*\))?\s*(->.*)?:?\s*$
 
 
 def is_code_line(line: str) -> bool:
-    """Indented, mostly code syntax (see c4_lines), a bare name or signature, or without any alphabetic word."""
-    if _is_code_line(line) or _NAME_LINE.match(line):
+    """Indented, mostly code syntax (see c4_lines), a name or signature (not a one-word heading such as
+    "Notes"), or without any alphabetic word."""
+    if _is_code_line(line) or (_NAME_LINE.match(line) and not line.strip().rstrip(":").isalpha()):
         return True
     words = line.split()
     return bool(words) and not any(w.isalpha() for w in words)
