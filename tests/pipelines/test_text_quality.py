@@ -183,3 +183,18 @@ def test_prose_only_still_rejects_a_page_of_copies_and_poor_prose():
     assert prose({"text": "\n\n".join([paragraph] * 20)}) == "gopher_repetition_repeated_prose"
     assert prose({"text": "\n".join(f"Buy now item {i} cheap cheap cheap" for i in range(60))}) is not None
     assert prose({"text": licence_prose()}) is None
+
+
+def test_web_runs_quality_after_language_text_runs_the_repetition_rules_code_none():
+    from cpt.pipelines.config import resolve_config
+
+    flags = {"inputs": ["in/*.html"], "output": "out"}
+    web, text, code = (resolve_config(name, None, flags) for name in ("web", "text", "code"))
+
+    for cfg in (web, text):
+        assert cfg.steps.index("language") + 1 == cfg.steps.index("quality") < cfg.steps.index("dedup")
+        assert cfg.quality.prose_only
+    assert (web.quality.gopher_repetition, web.quality.gopher_quality, web.quality.c4) == (True, True, True)
+    q = text.quality
+    assert (q.gopher_repetition, q.gopher_quality, q.c4, q.fineweb) == (True, False, False, False)
+    assert "quality" not in code.steps
