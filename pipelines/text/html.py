@@ -40,8 +40,9 @@ MAX_ATTRIBUTES = 256
 # quoted or unquoted value (a quote left open runs to the end, as in the tokenizer). Possessive quantifiers
 # never backtrack, so matching is linear in the page.
 _ATTRIBUTE = r"""(?:[\s/]*+[^\s/>][^\s/>=]*+(?:\s*+=\s*+(?:"[^"]*+"?+|'[^']*+'?+|[^\s>]*+))?+)"""
-# Elements whose content the tokenizer reads as raw text, not as markup.
-_RAW_TEXT = "script|style|xmp|iframe|noembed|noframes|noscript|textarea|title|plaintext"
+# Elements whose content the tokenizer reads as raw text, not as markup (not noscript: lexbor parses with
+# scripting off, so its content is markup).
+_RAW_TEXT = "script|style|xmp|iframe|noembed|noframes|textarea|title|plaintext"
 # A whole start tag in one pass: group 1 is `<name` (group 2 the name of a raw-text element), group 3 the
 # attributes from the MAX_ATTRIBUTES-th on when it has that many; a raw-text element's content is consumed
 # up to its end tag, as the tokenizer does. Every tag is consumed where it starts, so text with many `<`

@@ -165,6 +165,14 @@ def test_script_end_tag_is_never_taken_for_attributes():
     assert html_to_text(f"<script>{script}</script><p>after</p>") == "after"
 
 
+@pytest.mark.timeout(60)
+def test_crowded_tag_inside_noscript_is_stripped_too():
+    # lexbor parses with scripting off: noscript content is markup, so the guard must read it as markup.
+    attributes = " ".join(f"a{i}" for i in range(200_000))
+
+    assert html_to_text(f"<noscript><p {attributes}>x</p></noscript><p>after</p>").endswith("after")
+
+
 def test_crowded_raw_text_start_tag_is_stripped_and_its_content_kept_out():
     attributes = " ".join(f"a{i}" for i in range(300))
 
