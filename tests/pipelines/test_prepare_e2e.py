@@ -59,7 +59,7 @@ def test_text_preset_accounts_for_every_record_and_masks_pii_everywhere(corpus, 
     raw = corpus["base"] / "jsonl"
     manifest = prepare(
         "--input", raw / "*.jsonl", "--input", raw / "*.jsonl.gz", "--output", out, "--preset", "text",
-        "--max-bytes", 100_000, "--skip", "quality",  # its copies and PII records are topics; quality would judge them
+        "--max-bytes", 100_000,
     )  # fmt: skip
     kept_gz = len(corpus["gz_ids"])
     assert manifest["counts"] == {
@@ -69,7 +69,7 @@ def test_text_preset_accounts_for_every_record_and_masks_pii_everywhere(corpus, 
         "dead_letter": 6,  # broken JSON, int text, no text, Latin-1 bytes, giant line, truncated .gz
     }
     assert manifest["notes"] == ["perplexity skipped: no --ppl-model"]
-    assert manifest["steps"] == ["pii", "length", "language", "dedup", "near_dedup"]
+    assert manifest["steps"] == ["pii", "length", "language", "quality", "dedup", "near_dedup"]
     assert sorted(Path(f).name for f in manifest["inputs"]["files"]) == ["docs.jsonl", "part.jsonl.gz"]
 
     kept = datasets.load_from_disk(str(out))
@@ -108,7 +108,6 @@ def test_web_preset_cleans_pydoc_html_and_tokenizes_into_a_file_url(corpus, tmp_
     manifest = prepare(
         "--input", corpus["base"] / "html" / "*.html", "--output", f"file://{out}", "--preset", "web",
         "--tokenizer", tokenizer_dir, "--domain", "python-docs", "--num-shards", 3,
-        "--skip", "quality",  # bisect's page repeats its docstrings (bisect = bisect_right): Gopher's dup 5-grams
     )  # fmt: skip
     assert manifest["counts"] == {
         "input": len(HTML_MODULES) + 2,
@@ -157,12 +156,12 @@ def test_code_preset_checks_syntax_and_dead_letters_bad_files(corpus, tmp_path):
 def test_shards_are_byte_identical_with_two_worker_processes_and_a_rerun_replaces_the_output(corpus, tmp_path):
     raw = corpus["base"] / "jsonl" / "*"
     one = tmp_path / "one"
-    prepare("--input", raw, "--output", one, "--max-bytes", 100_000, "--num-shards", 3, "--skip", "quality")
+    prepare("--input", raw, "--output", one, "--max-bytes", 100_000, "--num-shards", 3)
     two = tmp_path / "two"
-    prepare("--input", raw, "--output", two, "--max-bytes", 100_000, "--num-shards", 8, "--skip", "quality")
-    # Replaced by `python -m cpt.pipelines.run` (the __main__ guard) with 2 worker processes, into the same folder.
+    prepare("--input", raw, "--output", two, "--max-bytes", 100_000, "--num-shards", 8)  # replaced below
+    # `python -m cpt.pipelines.run` (the __main__ guard) with 2 worker processes, into the same folder.
     cmd = [sys.executable, "-m", "cpt.pipelines.run", "--input", str(raw), "--output", str(two)]
-    cmd += ["--max-bytes", "100000", "--num-shards", "3", "--skip", "quality", "--direct_num_workers", "2"]
+    cmd += ["--max-bytes", "100000", "--num-shards", "3", "--direct_num_workers", "2"]
     cmd += ["--direct_running_mode", "multi_processing"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -178,8 +177,7 @@ def test_perplexity_keeps_a_percentile_band_with_a_tiny_llama(corpus, tmp_path, 
     out = tmp_path / "ppl"
     manifest = prepare(
         "--input", corpus["base"] / "jsonl" / "docs.jsonl", "--output", out, "--max-bytes", 100_000,
-        "--ppl-model", tiny_model_dir, "--ppl-keep-percentile", 20, 80, "--ppl-max-tokens", 64,
-        "--skip", "dedup", "quality",
+        "--ppl-model", tiny_model_dir, "--ppl-keep-percentile", 20, 80, "--ppl-max-tokens", 64, "--skip", "dedup",
     )  # fmt: skip
     # 12 English documents reach the perplexity step; the band keeps those within the 20th..80th percentile.
     counts = manifest["counts"]
@@ -242,7 +240,7 @@ def test_same_file_names_under_two_patterns_and_a_lone_surrogate_keep_every_reco
     out = tmp_path / "out"
     manifest = prepare(
         "--input", tmp_path / "a" / "*.jsonl", "--input", tmp_path / "b" / "*.jsonl", "--output", out,
-        "--skip", "length", "language", "quality", "--num-shards", 1,
+        "--skip", "length", "language", "--num-shards", 1,
     )  # fmt: skip
     assert manifest["counts"] == {"input": 6, "kept": 3, "rejected": {}, "dead_letter": 3}
     kept = datasets.load_from_disk(str(out))
