@@ -92,6 +92,9 @@ class QualityConfig:
     """C4's line filter (removes javascript/cookie/short lines, keeps code) and its lorem/bracket/sentence rules."""
     fineweb: bool = False
     """FineWeb's line rules (fineweb_* reasons)."""
+    prose_only: bool = False
+    """Judge a page by its prose (quality.prose_text): code blocks, signatures, symbol lines and repeats of long
+    lines left out of the Gopher/FineWeb statistics, C4's curly-bracket rule off; documentation pages pass."""
 
 
 @dataclass

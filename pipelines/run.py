@@ -171,7 +171,7 @@ def build_pipeline(p, cfg: PrepareConfig, files):
             docs = docs | "Language" >> t.ApplyStep("language", lang)
         elif step == "quality":
             q = cfg.quality
-            quality = t.QualityStep(q.gopher_repetition, q.gopher_quality, q.c4, q.fineweb)
+            quality = t.QualityStep(q.gopher_repetition, q.gopher_quality, q.c4, q.fineweb, q.prose_only)
             docs = docs | "Quality" >> t.ApplyStep("quality", quality)
         elif step == "code":
             code = t.CodeStep(f.min_chars, f.max_chars, cfg.code.max_comment_ratio, cfg.code.max_line_length)

@@ -199,34 +199,59 @@ class LanguageStep:
 
 
 class QualityStep:
-    """The Gopher repetition, Gopher quality, C4 and FineWeb rules that are switched on, in that order."""
+    """The Gopher repetition, Gopher quality, C4 and FineWeb rules that are switched on, in that order.
 
-    def __init__(self, gopher_repetition: bool, gopher_quality: bool, c4: bool, fineweb: bool):
+    prose_only: the Gopher and FineWeb rules measure the document's prose (quality.prose_text: code blocks,
+    signatures, symbol lines and repeats of long lines left out; alphabetic words counted as whitespace words;
+    Gopher's duplicate n-gram rules and C4's curly-bracket rule off), so documentation pages are judged on their
+    text. The kept text is always the whole one (less C4's bad lines).
+    """
+
+    def __init__(self, gopher_repetition: bool, gopher_quality: bool, c4: bool, fineweb: bool, prose_only=False):
         self.gopher_repetition, self.gopher_quality, self.c4, self.fineweb = (
             gopher_repetition,
             gopher_quality,
             c4,
             fineweb,
         )
+        self.prose_only = prose_only
 
     def setup(self):
         from cpt.pipelines.text import quality
 
         self._q = quality
+        self._gopher = quality.GopherQuality(alpha_ratio_of_tokens=not self.prose_only)
+        self._c4 = quality.C4Lines(filter_curly_bracket=not self.prose_only)
+        # Duplicate n-grams off on prose: API entries repeat phrases in parallel ("Return the arc sine of z.");
+        # whole repeated lines and paragraphs, top n-grams and a page of copies are still caught.
+        self._repetition = quality.GopherRepetition(dup_n_grams=()) if self.prose_only else quality.GopherRepetition()
 
     def __call__(self, doc: dict) -> str | None:
         q, text = self._q, doc["text"]
-        reason = (self.gopher_repetition and q.check_gopher_repetition(text)) or (
-            self.gopher_quality and q.check_gopher_quality(text)
+        measured = text
+        if self.prose_only:
+            prose = q.prose_text(text, collapse_repeats=False)
+            measured = q.prose_text(text)
+            if len(measured) < MAX_REPEATED_PROSE * len(prose):
+                return "gopher_repetition_repeated_prose"  # collapsing repeats would hide a page of copies
+        reason = (self.gopher_repetition and q.check_gopher_repetition(measured, self._repetition)) or (
+            self.gopher_quality and q.check_gopher_quality(measured, self._gopher)
         )
+        if reason == "gopher_few_words" and self.prose_only and len(q.split_words(prose)) < len(q.split_words(text)):
+            if len(q.split_words(text)) >= self._gopher.min_doc_words:
+                reason = None  # a page of code with a few lines of prose: too little prose to judge, enough page
         if reason:
             return reason
         if self.c4:
-            cleaned, reason = q.c4_lines(text)
+            cleaned, reason = q.c4_lines(text, self._c4)
             if reason:
                 return reason
             doc["text"] = text = cleaned
-        return (self.fineweb and q.check_fineweb_lines(text)) or None
+        return (self.fineweb and q.check_fineweb_lines(q.prose_text(text) if self.prose_only else text)) or None
+
+
+#: prose_only: a page whose prose is under this share of itself once repeated long lines are collapsed is rejected.
+MAX_REPEATED_PROSE = 0.5
 
 
 class CodeStep:

@@ -67,6 +67,9 @@ class GopherQuality:
     max_ellipsis_lines_ratio: float = 0.3
     min_alpha_words_ratio: float = 0.8
     min_stop_words: int = 2
+    alpha_ratio_of_tokens: bool = True
+    """True: the alphabetic-word ratio counts punctuation tokens as words (datatrove); False: whitespace-separated
+    words, as the Gopher paper states the rule (markdown and API prose have a punctuation token every few words)."""
 
 
 def check_gopher_quality(text: str, params: GopherQuality = GopherQuality()) -> str | None:
@@ -97,7 +100,8 @@ def check_gopher_quality(text: str, params: GopherQuality = GopherQuality()) -> 
         return "gopher_bullet_lines"
     if sum(line.rstrip().endswith(("...", "…")) for line in lines) / len(lines) > params.max_ellipsis_lines_ratio:
         return "gopher_ellipsis_lines"
-    if sum(any(c.isalpha() for c in w) for w in words) / len(words) < params.min_alpha_words_ratio:
+    counted = words if params.alpha_ratio_of_tokens else text.split()
+    if sum(any(c.isalpha() for c in w) for w in counted) / len(counted) < params.min_alpha_words_ratio:
         return "gopher_non_alpha_words"
     if len(STOP_WORDS.intersection(words)) < params.min_stop_words:
         return "gopher_stop_words"
@@ -200,6 +204,8 @@ class C4Lines:
     min_num_sentences: int = 5
     min_words_per_line: int = 3
     max_word_length: int = 1000
+    filter_curly_bracket: bool = True
+    """Reject a document with a "{" in a prose line (datatrove's filter_curly_bracket): C4's test for code pages."""
     keep_code: bool = True
     """Code lines (indented, or dense in code symbols) are kept as they are and exempt from the line rules."""
 
@@ -254,7 +260,7 @@ def c4_lines(text: str, params: C4Lines = C4Lines()) -> tuple[str, str | None]:
             return text, "c4_lorem_ipsum"
         if "javascript" in lower:
             continue
-        if "{" in line:
+        if params.filter_curly_bracket and "{" in line:
             return text, "c4_curly_bracket"
         if any(p in lower for p in _POLICY):
             continue
@@ -295,3 +301,53 @@ def check_fineweb_lines(text: str, params: FineWebLines = FineWebLines()) -> str
     if text.count("\n") / max(1, len(split_words(text))) > params.new_line_ratio:
         return "fineweb_list_lines"
     return None
+
+
+# ---- Prose of a documentation page -------------------------------------------------------------------------
+
+_FENCE = re.compile(r"^\s*(```|~~~)")
+# A line that is one identifier, dotted name, call or signature: `__dict__`, `builtins.object`, `f(a, b=1)`.
+_NAME_LINE = re.compile(r"^\s*[\w.]+\s*(=\s*[\w.]+\s*)?(\(.*\))?\s*(->.*)?:?\s*$")
+
+
+def is_code_line(line: str) -> bool:
+    """Indented, mostly code syntax (see c4_lines), a name or signature (not a one-word heading such as
+    "Notes"), or without any alphabetic word."""
+    if _is_code_line(line) or (_NAME_LINE.match(line) and not line.strip().rstrip(":").isalpha()):
+        return True
+    words = line.split()
+    return bool(words) and not any(w.isalpha() for w in words)
+
+
+def prose_text(text: str, collapse_repeats: bool = True) -> str:
+    """`text` without its code: fenced blocks (``` or ~~~) and every line is_code_line calls code; with
+    collapse_repeats, a paragraph or line of 30+ characters seen before is left out too (API pages repeat
+    inherited docstrings and parameter notes word for word: structure, not spam; repeats of short lines,
+    menus and boilerplate still count).
+
+    What the document rules should measure on documentation pages: their code blocks, signatures and symbol
+    lists are not prose, and Gopher's statistics (alphabetic words, repeated lines) were fitted to prose.
+    """
+    out, fenced = [], False
+    for line in text.split("\n"):
+        if _FENCE.match(line):
+            fenced = not fenced
+            continue
+        if fenced or is_code_line(line):
+            continue
+        out.append(line)
+    if not collapse_repeats:
+        return "\n".join(out)
+    seen: set[str] = set()
+    kept = []
+    for paragraph in _PARAGRAPHS.split("\n".join(out)):
+        lines = []
+        for line in paragraph.split("\n"):
+            key = line.strip()
+            if len(key) >= 30 and key in seen:
+                continue
+            seen.add(key)
+            lines.append(line)
+        if lines:
+            kept.append("\n".join(lines))
+    return "\n\n".join(kept)

@@ -69,7 +69,7 @@ def test_text_preset_accounts_for_every_record_and_masks_pii_everywhere(corpus, 
         "dead_letter": 6,  # broken JSON, int text, no text, Latin-1 bytes, giant line, truncated .gz
     }
     assert manifest["notes"] == ["perplexity skipped: no --ppl-model"]
-    assert manifest["steps"] == ["pii", "length", "language", "dedup", "near_dedup"]
+    assert manifest["steps"] == ["pii", "length", "language", "quality", "dedup", "near_dedup"]
     assert sorted(Path(f).name for f in manifest["inputs"]["files"]) == ["docs.jsonl", "part.jsonl.gz"]
 
     kept = datasets.load_from_disk(str(out))

@@ -149,6 +149,36 @@ def test_tag_with_200000_attributes_parses_in_linear_time():
     assert html_to_text(f"<p {attributes}>text</p><p>after</p>") == "text\n\nafter"
 
 
+@pytest.mark.timeout(60)
+def test_minified_script_full_of_comparisons_is_read_in_linear_time():
+    # 700 KB of `a<b` without spaces or `>`: the guard once tried every `<` as a tag start (3.5 KB took 5 s).
+    script = "for(i=0;i<n.length;i++){x=y<z?a:b}" * 20_000
+
+    assert html_to_text(f"<script>{script}</script><p>after</p>") == "after"
+
+
+def test_script_end_tag_is_never_taken_for_attributes():
+    # `<d) x = 1; ...` looks like a tag with hundreds of attributes; the tokenizer reads script content as raw
+    # text, so the guard must not strip up to the `>` of `</script>` (the page's text was lost).
+    script = "if (a < b.length && c <d) x = 1; " * 300
+
+    assert html_to_text(f"<script>{script}</script><p>after</p>") == "after"
+
+
+@pytest.mark.timeout(60)
+def test_crowded_tag_inside_noscript_is_stripped_too():
+    # lexbor parses with scripting off: noscript content is markup, so the guard must read it as markup.
+    attributes = " ".join(f"a{i}" for i in range(200_000))
+
+    assert html_to_text(f"<noscript><p {attributes}>x</p></noscript><p>after</p>").endswith("after")
+
+
+def test_crowded_raw_text_start_tag_is_stripped_and_its_content_kept_out():
+    attributes = " ".join(f"a{i}" for i in range(300))
+
+    assert html_to_text(f"<SCRIPT {attributes}>x<y</SCRIPT><p>after</p>") == "after"
+
+
 def test_crowded_tag_guard_keeps_ordinary_attributes():
     assert html_to_text('<nav class="a" id="b" data-x=">">menu</nav><p>body</p>') == "body"
 

@@ -14,6 +14,7 @@ from cpt.pipelines.text.quality import (
     check_fineweb_lines,
     check_gopher_quality,
     check_gopher_repetition,
+    prose_text,
     split_words,
 )
 from tests.pipelines.quality_corpus import documents
@@ -135,3 +136,65 @@ def test_keep_reject_decisions_agree_with_datatrove_on_97_percent_of_a_varied_se
     assert agree >= 0.97, agree
     assert {"prose", "menu", "keywords", "repeated", "table"} <= kinds
     assert 0.15 < sum(theirs) / len(docs) < 0.85  # both decisions well represented
+
+
+# ---- prose_only: documentation pages judged by their prose (the web and text presets) -----------------------
+
+DOC_MODULES = ("heapq", "shlex", "string", "glob", "fnmatch", "secrets")
+
+
+def _quality_step(prose_only: bool):
+    from cpt.pipelines.transforms import QualityStep
+
+    step = QualityStep(gopher_repetition=True, gopher_quality=True, c4=True, fineweb=False, prose_only=prose_only)
+    step.setup()
+    return step
+
+
+def test_prose_text_leaves_out_code_signatures_and_repeats_of_long_lines():
+    sentence = "Return the index where to insert item x in list a, assuming a is sorted."
+    text = "\n".join([
+        "Functions", "", "bisect_left(a, x, lo=0, hi=None, *, key=None)", sentence, "",
+        "bisect_right(a, x, lo=0, hi=None)", sentence, "", "```python", "import bisect", "```",
+        "    indented = code()", "__dict__", "x = {1: 2};", "Notes", "Notes",
+    ])  # fmt: skip
+
+    assert prose_text(text).split("\n") == ["Functions", "", sentence, "", "Notes", "Notes"]
+    assert prose_text(text, collapse_repeats=False).count(sentence) == 2
+
+
+def test_pydoc_pages_the_published_rules_reject_pass_on_their_prose():
+    from cpt.pipelines.text import html_to_text
+
+    pages = {name: html_to_text(pydoc.html.page(name, pydoc.html.document(__import__(name))), mode="main")
+             for name in DOC_MODULES}  # fmt: skip
+    published, prose = _quality_step(False), _quality_step(True)
+
+    assert {name: published({"text": text}) for name, text in pages.items()} == dict.fromkeys(
+        DOC_MODULES, "gopher_non_alpha_words"
+    ) | {"glob": "gopher_repetition_dup_5gram"}
+    assert {name: prose({"text": text}) for name, text in pages.items()} == dict.fromkeys(DOC_MODULES)
+
+
+def test_prose_only_still_rejects_a_page_of_copies_and_poor_prose():
+    prose = _quality_step(True)
+    paragraph = pydoc.getdoc(__import__("bisect").bisect_left).replace("\n", " ")
+
+    assert prose({"text": "\n\n".join([paragraph] * 20)}) == "gopher_repetition_repeated_prose"
+    assert prose({"text": "\n".join(f"Buy now item {i} cheap cheap cheap" for i in range(60))}) is not None
+    assert prose({"text": licence_prose()}) is None
+
+
+def test_web_runs_quality_after_language_text_runs_the_repetition_rules_code_none():
+    from cpt.pipelines.config import resolve_config
+
+    flags = {"inputs": ["in/*.html"], "output": "out"}
+    web, text, code = (resolve_config(name, None, flags) for name in ("web", "text", "code"))
+
+    for cfg in (web, text):
+        assert cfg.steps.index("language") + 1 == cfg.steps.index("quality") < cfg.steps.index("dedup")
+        assert cfg.quality.prose_only
+    assert (web.quality.gopher_repetition, web.quality.gopher_quality, web.quality.c4) == (True, True, True)
+    q = text.quality
+    assert (q.gopher_repetition, q.gopher_quality, q.c4, q.fineweb) == (True, False, False, False)
+    assert "quality" not in code.steps
