@@ -29,7 +29,7 @@ from tests.pipelines.prepare_corpus import STDLIB, code_corpus, html_corpus, jso
 from tests.pipelines.test_prepare_e2e import file_digests, prepare
 
 # More pydoc pages for the web preset: it needs a kept, non-duplicated page for each of its 7 steps.
-EXTRA_HTML_MODULES = ("fnmatch", "glob", "stat")
+EXTRA_HTML_MODULES = ("fnmatch", "glob", "stat", "copy", "string", "sched")  # one kept page per step, quality too
 
 
 def doc(doc_id: str, text: str) -> dict:
