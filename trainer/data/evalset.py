@@ -22,6 +22,18 @@ from cpt.trainer.data.sources import (
 CHUNK_DOCS = 512
 
 
+def checked_index(name: str, path: str, tokenizer) -> SourceIndex:
+    """The dataset's index, refused (DatasetError) when its stored token ids come from another tokenizer:
+    they would give a meaningless perplexity or Fisher (or an index error)."""
+    index = SourceIndex(name, path)
+    folder = local_tokenizer_dir(tokenizer)
+    if index.tokenized and folder is not None:
+        problem = tokenizer_problem(index, tokenizer_fingerprint(folder), folder)
+        if problem:
+            raise DatasetError(problem)
+    return index
+
+
 def _doc_keys(index: SourceIndex) -> list[tuple[str, int, int]]:
     """(id, shard, row) of every document, in id order (shards are hash-partitioned, so ids interleave)."""
     keys = []
@@ -100,13 +112,7 @@ def eval_sequences(path: str, tokenizer, seq_len: int, max_sequences: int, add_b
     convention); BOS is masked in `labels`. Only full sequences are kept, so every other position is a
     real target.
     """
-    index = SourceIndex("eval", path)
-    folder = local_tokenizer_dir(tokenizer)
-    if index.tokenized and folder is not None:
-        # Token ids from another tokenizer would give a meaningless perplexity (or an index error).
-        problem = tokenizer_problem(index, tokenizer_fingerprint(folder), folder)
-        if problem:
-            raise DatasetError(problem)
+    index = checked_index("eval", path, tokenizer)
     keys = _doc_keys(index)
     eos = tokenizer.eos_token_id
     bos = document_bos(add_bos, tokenizer)

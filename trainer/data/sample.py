@@ -11,9 +11,10 @@ from collections import defaultdict
 import numpy as np
 import torch
 
-from cpt.shared.dataset import DatasetError, tokenizer_fingerprint
+from cpt.shared.dataset import DatasetError
 from cpt.trainer.conventions import bos_labels, document_bos
-from cpt.trainer.data.sources import SourceIndex, local_tokenizer_dir, read_rows, tokenizer_problem
+from cpt.trainer.data.evalset import checked_index
+from cpt.trainer.data.sources import SourceIndex, read_rows
 
 # Documents fetched per round, and rows per read: a read walks one block of a shard, not the whole file.
 CHUNK_DOCS = 256
@@ -47,12 +48,7 @@ def sampled_sequences(
     Same layout as `eval_sequences` ({"input_ids", "position_ids", "labels"}, positions restart per document,
     BOS in front of each document as in training and masked in labels); the same seed gives the same sequences.
     """
-    index = SourceIndex("fisher", path)
-    folder = local_tokenizer_dir(tokenizer)
-    if index.tokenized and folder is not None:
-        problem = tokenizer_problem(index, tokenizer_fingerprint(folder), folder)
-        if problem:
-            raise DatasetError(problem)
+    index = checked_index("fisher", path, tokenizer)
     keys = [(shard, row) for shard, entry in enumerate(index.manifest["shards"]) for row in range(int(entry["rows"]))]
     order = np.random.default_rng(seed).permutation(len(keys))
     keys = [keys[i] for i in order]
