@@ -223,6 +223,9 @@ class DecontaminateConfig:
         return out
 
 
+SHUFFLE_MODES = ("auto", "files", "beam")
+
+
 @dataclass
 class PrepareConfig:
     inputs: list[str] = field(default_factory=list)
@@ -263,9 +266,15 @@ class PrepareConfig:
     perplexity: PerplexityConfig = field(default_factory=PerplexityConfig)
     near_dedup: NearDedupConfig = field(default_factory=NearDedupConfig)
     decontaminate: DecontaminateConfig = field(default_factory=DecontaminateConfig)
+    shuffle: str = "auto"
+    """How the shuffles (dedup, near dedup, the shard writer) run: "files" spills them under the output's
+    `_shuffle/` so memory stays flat whatever the corpus size; "beam" is the runner's GroupByKey (in the
+    launcher's memory on DirectRunner); "auto" is files on DirectRunner and beam on every other runner."""
 
     def problems(self) -> list[str]:
         out = []
+        if self.shuffle not in SHUFFLE_MODES:
+            out.append(f"shuffle: unknown mode {self.shuffle!r}; choose one of {', '.join(SHUFFLE_MODES)}")
         if not self.inputs:
             out.append("inputs: give at least one --input PATTERN")
         if not self.output:

@@ -538,10 +538,11 @@ class ReadInputs(beam.PTransform):
     is skipped, and the ranges are what fans out.
     """
 
-    def __init__(self, files: list[InputFile], cfg: ReaderConfig):
+    def __init__(self, files: list[InputFile], cfg: ReaderConfig, shuffle=None):
         super().__init__()
         self.files = files
         self.cfg = cfg
+        self.shuffle = shuffle
 
     def expand(self, pbegin):
         ranges = [rng for file in self.files for rng in split_ranges(file, self.cfg.split_bytes)]
@@ -557,4 +558,6 @@ class ReadInputs(beam.PTransform):
         )
         if ranges and ranges_fan_out(ranges):
             return records
-        return records | "SpreadRecords" >> beam.Reshuffle()
+        from cpt.pipelines.shuffle import FileReshuffle
+
+        return records | "SpreadRecords" >> FileReshuffle(self.shuffle, "read")

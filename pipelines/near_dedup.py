@@ -31,6 +31,7 @@ import numpy as np
 from apache_beam.metrics import Metrics
 
 from cpt.pipelines.faults import Faults
+from cpt.pipelines.shuffle import FileGroupByKey
 from cpt.pipelines.text import normalize_for_dedup
 from cpt.pipelines.transforms import REJECTED, dead_letter, is_live
 
@@ -270,9 +271,10 @@ def _decide_contaminated(doc: dict, node: tuple, label: tuple) -> dict:
 class JoinLabels(beam.PTransform):
     """Join per-node labels back onto the live documents (one GroupByKey); decided records pass through."""
 
-    def __init__(self, labels, decide):
+    def __init__(self, labels, decide, shuffle=None, name: str = "join"):
         super().__init__()
         self.labels, self.decide = labels, decide
+        self.shuffle, self.name = shuffle, name
 
     def expand(self, docs):
         live = docs | "Live" >> beam.Filter(is_live) | "KeyDocs" >> beam.Map(lambda d: (node_key(d), ("doc", d)))
@@ -281,7 +283,7 @@ class JoinLabels(beam.PTransform):
         joined = (
             (live, labels)
             | "Together" >> beam.Flatten()
-            | "ByNode" >> beam.GroupByKey()
+            | "ByNode" >> FileGroupByKey(self.shuffle, self.name)
             | "Decide" >> beam.FlatMap(_join_labels, self.decide)
         )
         return (joined, decided) | "Merge" >> beam.Flatten()
@@ -290,9 +292,9 @@ class JoinLabels(beam.PTransform):
 class NearDedup(beam.PTransform):
     """MinHash LSH near dedup: signatures, band groups, verified edges, components, smallest id kept."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, shuffle=None):
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.shuffle = cfg, shuffle
 
     def expand(self, docs):
         c = self.cfg
@@ -302,7 +304,7 @@ class NearDedup(beam.PTransform):
         edges = (
             signed
             | "Signatures" >> beam.FlatMap(lambda d: d.get(BANDS_FIELD, ()))
-            | "ByBand" >> beam.GroupByKey()
+            | "ByBand" >> FileGroupByKey(self.shuffle, "near_dedup_bands")
             | "Edges" >> beam.FlatMap(lambda item: band_edges(item[1], c.max_pairs_group, verify))
         )
         labels = (
@@ -310,7 +312,8 @@ class NearDedup(beam.PTransform):
             | "Components" >> beam.CombineGlobally(ComponentsFn())
             | "Labels" >> beam.FlatMap(lambda rows_: [(node, (root, size)) for node, root, size in rows_])
         )
-        return signed | "Strip" >> beam.Map(strip_bands) | "Join" >> JoinLabels(labels, _decide_near_dup)
+        join = JoinLabels(labels, _decide_near_dup, self.shuffle, "near_dedup_join")
+        return signed | "Strip" >> beam.Map(strip_bands) | "Join" >> join
 
 
 def eval_ngrams(url: str, ngram: int) -> list[tuple[int, str]]:
@@ -356,8 +359,9 @@ def _sum_matches(values) -> tuple[int, str]:
 class Decontaminate(beam.PTransform):
     """Reject training documents sharing >= min_overlap word n-grams with the eval shards (a join on the n-gram)."""
 
-    def __init__(self, eval_shards: list[str], ngram: int, min_overlap: int, max_train_docs: int = 10):
+    def __init__(self, eval_shards: list[str], ngram: int, min_overlap: int, max_train_docs: int = 10, shuffle=None):
         super().__init__()
+        self.shuffle = shuffle
         self.eval_shards, self.ngram, self.min_overlap = list(eval_shards), ngram, min_overlap
         self.max_train_docs = max_train_docs
 
@@ -374,13 +378,13 @@ class Decontaminate(beam.PTransform):
         labels = (
             (evals, train)
             | "Together" >> beam.Flatten()
-            | "ByNgram" >> beam.GroupByKey()
+            | "ByNgram" >> FileGroupByKey(self.shuffle, "decontaminate_ngrams")
             | "Matches" >> beam.FlatMap(_matches, self.max_train_docs)
             | "PerDoc" >> beam.CombinePerKey(_sum_matches)
             | "Enough" >> beam.Filter(lambda kv: kv[1][0] >= min_overlap)
             | "EvalId" >> beam.MapTuple(lambda node, match: (node, match[1]))
         )
-        return docs | "Join" >> JoinLabels(labels, _decide_contaminated)
+        return docs | "Join" >> JoinLabels(labels, _decide_contaminated, self.shuffle, "decontaminate_join")
 
 
 # ---- reporting: per shard in the writer, merged by the launcher ----

@@ -74,6 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"worker processes on this machine (default: the cores, at most {MAX_WORKERS} and one per "
         f"{BYTES_PER_WORKER >> 20} MB of input); DirectRunner only, --direct_num_workers overrides it",
     )
+    p.add_argument(
+        "--shuffle",
+        choices=["auto", "files", "beam"],
+        help="files: dedup, near dedup and the writer shuffle through files under the output (flat memory); "
+        "beam: the runner's GroupByKey; auto (default): files on DirectRunner, beam elsewhere",
+    )
     eval_help = "prepared eval datasets: reject training documents that overlap them"
     p.add_argument("--decontaminate", nargs="+", metavar="DIR", help=eval_help)
     return p
@@ -93,6 +99,7 @@ def flags_to_dict(args: argparse.Namespace) -> dict:
         ("tokenizer",): args.tokenizer,
         ("num_shards",): args.num_shards,
         ("max_bytes",): args.max_bytes,
+        ("shuffle",): args.shuffle,
         ("decontaminate", "datasets"): args.decontaminate,
         ("filters", "langs"): args.lang,
         ("filters", "min_lang_prob"): args.min_lang_prob,
@@ -144,14 +151,17 @@ def check_paths(cfg: PrepareConfig) -> None:
         raise ConfigError(problems, "cpt prepare")
 
 
-def build_pipeline(p, cfg: PrepareConfig, files):
-    """Wire the steps of `cfg` into pipeline `p`; returns the last PCollection (the run summary)."""
+def build_pipeline(p, cfg: PrepareConfig, files, shuffle=None):
+    """Wire the steps of `cfg` into pipeline `p`; returns the last PCollection (the run summary).
+
+    `shuffle` (a ShuffleSpec) sends every GroupByKey of records through files; None keeps Beam's.
+    """
     from cpt.pipelines import transforms as t
     from cpt.pipelines.io import ReaderConfig, ReadInputs
     from cpt.pipelines.write import CountInputs, WriteDataset, WriteRunSummary
 
     reader = ReaderConfig(cfg.record_text_field(), cfg.id_field, cfg.max_bytes, cfg.dead_letter_max_bytes)
-    records = p | "Read" >> ReadInputs(files, reader)
+    records = p | "Read" >> ReadInputs(files, reader, shuffle)
     input_count = records | "CountInputs" >> CountInputs()
     f = cfg.filters
     docs = records
@@ -183,21 +193,23 @@ def build_pipeline(p, cfg: PrepareConfig, files):
             handler = CausalLMPerplexityHandler(ppl.model, ppl.max_tokens, ppl.batch_size, ppl.device)
             docs = docs | "Perplexity" >> t.ScorePerplexity(handler, ppl.max_ppl, ppl.keep_percentile)
         elif step == "dedup":
-            docs = docs | "Dedup" >> t.ExactDedup()
+            docs = docs | "Dedup" >> t.ExactDedup(shuffle)
         elif step == "near_dedup":
             from cpt.pipelines.near_dedup import NearDedup
 
-            docs = docs | "NearDedup" >> NearDedup(cfg.near_dedup)
+            docs = docs | "NearDedup" >> NearDedup(cfg.near_dedup, shuffle)
         elif step == "decontaminate":
             from cpt.pipelines.near_dedup import Decontaminate
             from cpt.shared.dataset import shard_urls
 
             d = cfg.decontaminate
             shards = [url for folder in d.datasets for url in shard_urls(folder)]
-            docs = docs | "Decontaminate" >> Decontaminate(shards, d.ngram, d.min_overlap, d.max_train_docs)
+            decontaminate = Decontaminate(shards, d.ngram, d.min_overlap, d.max_train_docs, shuffle)
+            docs = docs | "Decontaminate" >> decontaminate
     if cfg.tokenizer:
         docs = docs | "Tokenize" >> t.ApplyStep("tokenize", t.TokenizeStep(cfg.tokenizer))
-    write = WriteDataset(cfg.output, cfg.num_shards, cfg.domain, cfg.tokenizer is not None, cfg.dead_letter_max_bytes)
+    tokenized = cfg.tokenizer is not None
+    write = WriteDataset(cfg.output, cfg.num_shards, cfg.domain, tokenized, cfg.dead_letter_max_bytes, shuffle)
     infos = docs | "Write" >> write
     # Must stay the last transform applied: DaskRunner computes only the last one (and what it depends on).
     return infos | "Summary" >> WriteRunSummary(cfg.output, input_count)
@@ -217,6 +229,8 @@ def base_manifest(cfg: PrepareConfig, files, notes: list[str]) -> dict:
     from cpt.shared import __version__, dataset
 
     resolved = to_dict(cfg)
+    # How the shuffles ran changes no byte of the output: the hash stays that of the data's config.
+    hashed = {k: v for k, v in resolved.items() if k != "shuffle"}
     tokenizer = None
     if cfg.tokenizer:
         tokenizer = {"name": cfg.tokenizer, "sha256": dataset.tokenizer_fingerprint(cfg.tokenizer)}
@@ -226,7 +240,7 @@ def base_manifest(cfg: PrepareConfig, files, notes: list[str]) -> dict:
         "cpt_version": __version__,
         "git_revision": git_revision(),
         "config": resolved,
-        "config_hash": config_hash(resolved),
+        "config_hash": config_hash(hashed),
         "steps": cfg.active_steps() + (["tokenize"] if cfg.tokenizer else []),
         "inputs": {"patterns": list(cfg.inputs), "files": [f.path for f in files]},
         "tokenizer": tokenizer,
@@ -259,6 +273,24 @@ def local_worker_args(beam_args: list[str], workers: int | None, input_bytes: in
     if workers == 1:
         return [*beam_args, "--direct_num_workers", "1"]
     return [*beam_args, "--direct_num_workers", str(workers), "--direct_running_mode", "multi_processing"]
+
+
+def shuffle_spec(cfg: PrepareConfig, options, input_bytes: int):
+    """The ShuffleSpec of this run: files under the output on DirectRunner (or when asked), else Beam's shuffle."""
+    from apache_beam.options.pipeline_options import DirectOptions, StandardOptions
+
+    from cpt.pipelines.shuffle import SHUFFLE_DIR, ShuffleSpec
+    from cpt.shared.dataset import join
+
+    runner = options.view_as(StandardOptions).runner
+    name = runner if isinstance(runner, str) else type(runner).__name__
+    mode = cfg.shuffle
+    if mode == "auto":
+        mode = "files" if name in (DEFAULT_RUNNER, "direct", "SwitchingDirectRunner", "FnApiRunner") else "beam"
+    if mode == "beam":
+        return None
+    workers = options.view_as(DirectOptions).direct_num_workers or 1
+    return ShuffleSpec.for_input(join(cfg.output, SHUFFLE_DIR), input_bytes, workers)
 
 
 def shards_for(num_shards: int, input_bytes: int) -> int:
@@ -334,6 +366,7 @@ def prepare(cfg: PrepareConfig, beam_args: list[str], quiet: bool = False, worke
         dead_letters_by_step,
         finalize,
         read_run_summary,
+        remove_shuffle_files,
     )
 
     options = pipeline_options(beam_args)
@@ -350,11 +383,15 @@ def prepare(cfg: PrepareConfig, beam_args: list[str], quiet: bool = False, worke
     if "perplexity" in cfg.steps and "perplexity" not in cfg.skip and not cfg.perplexity.model:
         notes.append("perplexity skipped: no --ppl-model")
     clean_output(cfg.output)
+    shuffle = shuffle_spec(cfg, options, input_bytes)
     started = time.perf_counter()
     p = beam.Pipeline(options=options)
-    build_pipeline(p, cfg, files)
-    result = p.run()
-    result.wait_until_finish()
+    build_pipeline(p, cfg, files, shuffle)
+    try:
+        result = p.run()
+        result.wait_until_finish()
+    finally:
+        remove_shuffle_files(cfg.output)
     seconds = time.perf_counter() - started
     summary = read_run_summary(cfg.output)
     counts = counts_from_summary(summary, cfg.num_shards)

@@ -410,11 +410,17 @@ class DedupKey:
 class ExactDedup(beam.PTransform):
     """Exact dedup on the normalised text: group by key, keep the smallest id."""
 
+    def __init__(self, shuffle=None):
+        super().__init__()
+        self.shuffle = shuffle
+
     def expand(self, docs):
+        from cpt.pipelines.shuffle import FileGroupByKey
+
         return (
             docs
             | "Key" >> beam.Map(DedupKey())
-            | "Group" >> beam.GroupByKey()
+            | "Group" >> FileGroupByKey(self.shuffle, "dedup")
             | "KeepSmallestId" >> beam.FlatMap(dedup_group)
             | "Count" >> beam.Map(_count_duplicates)
         )

@@ -16,6 +16,7 @@ from collections import Counter
 import apache_beam as beam
 
 from cpt.pipelines.near_dedup import shard_stats as near_dedup_stats
+from cpt.pipelines.shuffle import FileGroupByKey
 from cpt.pipelines.transforms import DEAD, KEPT, REJECTED, shard_index
 from cpt.shared import dataset
 from cpt.shared.dataset import join
@@ -108,9 +109,12 @@ def _write_text_atomic(url: str, text: str) -> None:
 class WriteDataset(beam.PTransform):
     """All records -> per-shard files; returns one info dict per shard."""
 
-    def __init__(self, output: str, num_shards: int, domain: str, tokenized: bool, dead_letter_limit: int):
+    def __init__(
+        self, output: str, num_shards: int, domain: str, tokenized: bool, dead_letter_limit: int, shuffle=None
+    ):
         super().__init__()
         self.args = (output, num_shards, domain, tokenized, dead_letter_limit)
+        self.shuffle = shuffle
 
     def expand(self, records):
         output, num_shards, *_ = self.args
@@ -120,9 +124,14 @@ class WriteDataset(beam.PTransform):
         return (
             (keyed, markers)
             | "WithMarkers" >> beam.Flatten()
-            | "GroupByShard" >> beam.GroupByKey()
+            # Through files, a partition is a shard: the shard's worker reads exactly its records.
+            | "GroupByShard" >> FileGroupByKey(self.shuffle, "write", num_shards, _identity)
             | "WriteShards" >> beam.ParDo(WriteShardDoFn(*self.args))
         )
+
+
+def _identity(shard: int) -> int:
+    return shard
 
 
 class WriteRunSummaryDoFn(beam.DoFn):
@@ -180,6 +189,7 @@ def clean_output(output: str) -> None:
     if not fs.exists(path):
         fs.makedirs(path, exist_ok=True)
         return
+    remove_shuffle_files(output)
     for sub in (dataset.REJECTED_DIR, dataset.DEAD_LETTER_DIR):
         sfs, spath = dataset.filesystem(join(output, sub))
         if sfs.exists(spath):
@@ -188,6 +198,15 @@ def clean_output(output: str) -> None:
         name = entry.rstrip("/").rsplit("/", 1)[-1]
         if name.startswith("data-") or name in (dataset.STATE_JSON, dataset.DATASET_INFO_JSON, RUN_SUMMARY):
             fs.rm(entry)
+
+
+def remove_shuffle_files(output: str) -> None:
+    """The run's shuffle files (see cpt.pipelines.shuffle): needed only while the pipeline runs."""
+    from cpt.pipelines.shuffle import SHUFFLE_DIR
+
+    fs, path = dataset.filesystem(join(output, SHUFFLE_DIR))
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
 
 
 def read_run_summary(output: str) -> dict:

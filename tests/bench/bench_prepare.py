@@ -14,7 +14,9 @@
    ratios. datatrove has no language step here: its LanguageFilter downloads a fastText model at run time.
 3. CPT_BENCH_MEMORY=0.5,2 (GB): a single-file corpus of that size built from real local text (pydoc topics
    and module docs, each copy edited), through `--preset text --workers 2`: peak RSS of the launcher and
-   of each worker process. Needs about 2.5x the largest size free under the temp folder; deleted after.
+   of each worker process, and the bytes the shuffles spilled to disk. CPT_BENCH_SHUFFLE=files,beam adds a run
+   with Beam's in-memory GroupByKey (`shuffle: beam`) at each size, the baseline. Needs about 2.5x the largest
+   size free under the temp folder; deleted after.
 CPT_BENCH_DOCS_MB sets the size of the documentation file (default DOCS_MB, 100), CPT_BENCH_DASK=1 adds a local Dask
 cluster of 2 workers to part 2.
 """
@@ -26,6 +28,7 @@ import glob
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import sysconfig
@@ -343,7 +346,7 @@ def peak_rss(cmd: list[str]) -> tuple[float, dict[str, float]]:
     import psutil
 
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     launcher = psutil.Process(proc.pid)
     peaks: dict[int, float] = {}
     while proc.poll() is None:
@@ -352,30 +355,44 @@ def peak_rss(cmd: list[str]) -> tuple[float, dict[str, float]]:
                 with contextlib.suppress(psutil.Error):
                     peaks[p.pid] = max(peaks.get(p.pid, 0.0), p.memory_info().rss / 1e6)
         time.sleep(0.5)
+    stdout, stderr = proc.communicate()
     if proc.returncode != 0:
-        raise RuntimeError(f"cpt prepare failed: {proc.stderr.read()[-3000:]}")
+        raise RuntimeError(f"cpt prepare failed: {stderr[-3000:]}")
     workers = sorted((rss for pid, rss in peaks.items() if pid != proc.pid), reverse=True)
+    spilled = re.search(r"shuffle\.spilled_bytes: (\d+)", stdout)
     return time.perf_counter() - start, {
         "launcher": peaks.get(proc.pid, 0.0),
         **{f"w{i}": r for i, r in enumerate(workers)},
+        "spilled_mb": int(spilled.group(1)) / 1e6 if spilled else 0.0,
     }
 
 
-def bounded_memory(base: Path, sizes_gb: list[float]) -> None:
+def bounded_memory(base: Path, sizes_gb: list[float], shuffles: list[str]) -> None:
+    """Peak RSS per process for each size and each `shuffle` mode ("files": the default on DirectRunner; "beam":
+    Beam's in-memory GroupByKey, the baseline)."""
     print("3. peak RSS, --preset text --workers 2 on one JSONL file (MB; w0.. are processes under the launcher)")
     texts = plain_texts()
     for gb in sizes_gb:
         path = base / f"text-{gb}.jsonl"
         size = write_text_corpus(path, int(gb * 1e9), texts)
-        out = base / f"out-mem-{gb}"
-        cmd = [str(Path(sys.executable).parent / "cpt"), "prepare", "--preset", "text", "--input", str(path)]
         try:
-            wall, peaks = peak_rss([*cmd, "--output", str(out), "--workers", "2"])
+            for mode in shuffles:
+                out = base / f"out-mem-{gb}-{mode}"
+                config = base / f"shuffle-{mode}.yaml"
+                config.write_text(f"shuffle: {mode}\n")
+                cmd = [str(Path(sys.executable).parent / "cpt"), "prepare", "--preset", "text", "--input", str(path)]
+                cmd += ["--config", str(config), "--output", str(out), "--workers", "2"]
+                wall, peaks = peak_rss(cmd)
+                subprocess.run(["rm", "-rf", str(out)], check=True)
+                spilled = peaks.pop("spilled_mb")
+                shown = "  ".join(f"{k} {v:.0f}" for k, v in peaks.items() if v > 50)
+                print(
+                    f"  {size / 1e9:.2f} GB, shuffle {mode:<5}: {wall:.0f} s ({size / 1e6 / wall:.2f} MB/s) | {shown}"
+                    + (f" | spilled {spilled:.0f} MB" if spilled else ""),
+                    flush=True,
+                )
         finally:
             path.unlink()
-        subprocess.run(["rm", "-rf", str(out)], check=True)
-        shown = "  ".join(f"{k} {v:.0f}" for k, v in peaks.items() if v > 50)
-        print(f"  {size / 1e9:.2f} GB: {wall:.0f} s ({size / 1e6 / wall:.2f} MB/s) | {shown}", flush=True)
 
 
 def main() -> None:
@@ -383,7 +400,8 @@ def main() -> None:
         base = Path(tmp)
         memory = os.environ.get("CPT_BENCH_MEMORY")
         if memory:
-            bounded_memory(base, [float(x) for x in memory.split(",")])
+            shuffles = os.environ.get("CPT_BENCH_SHUFFLE", "files").split(",")
+            bounded_memory(base, [float(x) for x in memory.split(",")], shuffles)
             return
         docs = [html for _, html in doc_html_pages()] or [html for _, html in pydoc_pages()[:100]]
         plain = plain_texts()
