@@ -247,12 +247,12 @@ _CONTAMINATED = Metrics.counter("decontaminate", CONTAMINATED)
 
 
 def _join_labels(item, decide) -> list[dict]:
-    """(node, [("doc", doc) | ("label", label)]) -> the document, decided by `decide(doc, node, label)`."""
+    """(node, [("doc", doc) | ("label", label)]) -> the document, decided by `decide(doc, node, label)` if live."""
     node, values = item
     docs, labels = [], []
     for tag, value in values:
         (docs if tag == "doc" else labels).append(value)
-    return [decide(doc, node, labels[0]) if labels else doc for doc in docs]
+    return [decide(doc, node, labels[0]) if labels and is_live(doc) else doc for doc in docs]
 
 
 def _decide_near_dup(doc: dict, node: tuple, label: tuple) -> dict:
@@ -269,7 +269,11 @@ def _decide_contaminated(doc: dict, node: tuple, label: tuple) -> dict:
 
 
 class JoinLabels(beam.PTransform):
-    """Join per-node labels back onto the live documents (one GroupByKey); decided records pass through."""
+    """Join per-node labels onto the live documents (one GroupByKey); decided records pass through unchanged.
+
+    Every record goes through the join, decided ones under their own node (labels name live documents only):
+    no Flatten of records after it, which FnApiRunner would hold in the runner (see cpt.pipelines.shuffle).
+    """
 
     def __init__(self, labels, decide, shuffle=None, name: str = "join"):
         super().__init__()
@@ -277,16 +281,13 @@ class JoinLabels(beam.PTransform):
         self.shuffle, self.name = shuffle, name
 
     def expand(self, docs):
-        live = docs | "Live" >> beam.Filter(is_live) | "KeyDocs" >> beam.Map(lambda d: (node_key(d), ("doc", d)))
-        decided = docs | "Decided" >> beam.Filter(lambda d: not is_live(d))
+        keyed = docs | "KeyDocs" >> beam.Map(lambda d: (node_key(d), ("doc", d)))
         labels = self.labels | "TagLabels" >> beam.MapTuple(lambda node, label: (node, ("label", label)))
-        joined = (
-            (live, labels)
-            | "Together" >> beam.Flatten()
+        return (
+            (keyed, labels)
             | "ByNode" >> FileGroupByKey(self.shuffle, self.name)
             | "Decide" >> beam.FlatMap(_join_labels, self.decide)
         )
-        return (joined, decided) | "Merge" >> beam.Flatten()
 
 
 class NearDedup(beam.PTransform):
@@ -377,7 +378,6 @@ class Decontaminate(beam.PTransform):
         train = docs | "TrainNgrams" >> beam.FlatMap(train_ngrams, n)
         labels = (
             (evals, train)
-            | "Together" >> beam.Flatten()
             | "ByNgram" >> FileGroupByKey(self.shuffle, "decontaminate_ngrams")
             | "Matches" >> beam.FlatMap(_matches, self.max_train_docs)
             | "PerDoc" >> beam.CombinePerKey(_sum_matches)

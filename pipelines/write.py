@@ -123,7 +123,6 @@ class WriteDataset(beam.PTransform):
         markers = records.pipeline | "EveryShard" >> beam.Create([(i, None) for i in range(num_shards)])
         return (
             (keyed, markers)
-            | "WithMarkers" >> beam.Flatten()
             # Through files, a partition is a shard: the shard's worker reads exactly its records.
             | "GroupByShard" >> FileGroupByKey(self.shuffle, "write", num_shards, _identity)
             | "WriteShards" >> beam.ParDo(WriteShardDoFn(*self.args))

@@ -58,8 +58,9 @@ def test_file_group_by_key_groups_like_group_by_key_across_many_flushes_and_part
     files = spill_files(tmp_path / "shuffle" / "g")
     # Many flushes, each one IPC file of one record batch per partition it held.
     assert len(files) > 20
-    batches = [pa.ipc.open_file(pa.memory_map(str(f))).num_record_batches for f in files]
-    assert max(batches) <= 7 and sum(pa.ipc.open_file(pa.memory_map(str(f))).read_all().num_rows for f in files) == 3000
+    readers = [pa.ipc.open_file(pa.memory_map(str(f))) for f in files]
+    assert max(r.num_record_batches for r in readers) <= 7
+    assert sum(r.read_all().num_rows for r in readers) == 3000
 
 
 def test_without_a_temp_dir_it_is_beams_group_by_key_and_nothing_is_written(tmp_path):
