@@ -117,6 +117,8 @@ def test_auto_shuffles_through_files_on_direct_runner_only(tmp_path):
     assert shuffle_spec(cfg, pipeline_options(["--runner", "DataflowRunner"]), 1 << 30) is None
     files = resolve_config("text", None, {"inputs": ["x"], "output": "gs://b/out", "shuffle": "files"})
     assert shuffle_spec(files, dask, 1 << 30).temp_dir == f"gs://b/out/{SHUFFLE_DIR}"
+    ppl = resolve_config("text", None, {"inputs": ["x"], "output": "o", "perplexity": {"model": "m"}})
+    assert shuffle_spec(ppl, pipeline_options([]), 1 << 30) is None
     beam_cfg = resolve_config("text", None, {"inputs": ["x"], "output": "o", "shuffle": "beam"})
     assert shuffle_spec(beam_cfg, pipeline_options([]), 1 << 30) is None
 
