@@ -45,8 +45,9 @@ STDLIB = Path(sysconfig.get_paths()["stdlib"])
 MAX_PAGE_BYTES = 2_000_000
 # Size of part 2's documentation file: large enough that 2 worker processes' fixed start-up (each imports
 # Beam's SDK harness and sets the steps up, ~2.5 CPU s) is small next to the work, small enough that the
-# whole benchmark stays near 5 minutes on an idle 2-core machine (datatrove takes most of it).
-DOCS_MB = 100
+# whole benchmark stays near 5 minutes on an idle 2-core machine (datatrove takes most of it). 200 MB since
+# the machines got ~3x faster per core: at 100 MB the start-up was again ~13% of a 2-worker run's CPU.
+DOCS_MB = 200
 
 # ---- corpora, all from text this machine has ---------------------------------------------------------------
 
@@ -165,7 +166,7 @@ def step_functions(preset: str, html: bool):
         return s, None
 
     steps = {
-        "html": lambda s: (t.html_to_text(s), None),
+        "html": lambda s: (t.html_to_text(s, mode=cfg.html.mode), None),  # the preset's mode ("main" for web)
         "pii": lambda s: (t.mask_pii(s, secrets=cfg.pii.secrets)[0], None),
         "length": length,
         "language": language,
