@@ -151,16 +151,22 @@ class ReadPartitionDoFn(beam.DoFn):
     def process(self, item):
         _, refs = item
         table = self._table(refs)
-        table = table.take(pc.sort_indices(table, [("key", "ascending")]))
+        if pc.count_distinct(table.column("key")).as_py() > 1:
+            # One key per partition (the writer's shards) needs no sort, nor the copy that `take` makes.
+            table = table.take(pc.sort_indices(table, [("key", "ascending")]))
         keys = table.column("key").to_pylist()
         values = table.column("value")
         start = 0
         for end in range(1, len(keys) + 1):
             if end == len(keys) or keys[end] != keys[start]:
-                group = values.slice(start, end - start).to_pylist()
+                group = self._decoded(values.slice(start, end - start))
                 self._elements.inc(len(group))
-                yield self._decode(keys[start]), [self._decode(v) for v in group]
+                yield self._decode(keys[start]), group
                 start = end
+
+    def _decoded(self, values) -> list:
+        # Chunk by chunk (a chunk is one spilled batch): at most one chunk's bytes exist beside the decoded values.
+        return [self._decode(v) for chunk in values.chunks for v in chunk.to_pylist()]
 
 
 class FileGroupByKey(beam.PTransform):
