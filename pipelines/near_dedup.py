@@ -31,7 +31,7 @@ import numpy as np
 from apache_beam.metrics import Metrics
 
 from cpt.pipelines.faults import Faults
-from cpt.pipelines.shuffle import FileGroupByKey
+from cpt.pipelines.shuffle import FileGroupByKey, channels, each
 from cpt.pipelines.text import normalize_for_dedup
 from cpt.pipelines.transforms import REJECTED, dead_letter, is_live
 
@@ -281,10 +281,10 @@ class JoinLabels(beam.PTransform):
         self.shuffle, self.name = shuffle, name
 
     def expand(self, docs):
-        keyed = docs | "KeyDocs" >> beam.Map(lambda d: (node_key(d), ("doc", d)))
+        keyed = each(docs, "KeyDocs", lambda: beam.Map(lambda d: (node_key(d), ("doc", d))))
         labels = self.labels | "TagLabels" >> beam.MapTuple(lambda node, label: (node, ("label", label)))
         return (
-            (keyed, labels)
+            (*channels(keyed), labels)
             | "ByNode" >> FileGroupByKey(self.shuffle, self.name)
             | "Decide" >> beam.FlatMap(_join_labels, self.decide)
         )
@@ -301,10 +301,10 @@ class NearDedup(beam.PTransform):
         c = self.cfg
         bands, rows = c.lsh_params()
         verify = c.verify_threshold if c.verify else None
-        signed = docs | "Sign" >> beam.Map(SignDoc(SignatureBands(c.ngram, c.unit, c.num_perm, c.seed, bands, rows)))
+        signer = SignDoc(SignatureBands(c.ngram, c.unit, c.num_perm, c.seed, bands, rows))
+        signed = each(docs, "Sign", lambda: beam.Map(signer))
         edges = (
-            signed
-            | "Signatures" >> beam.FlatMap(lambda d: d.get(BANDS_FIELD, ()))
+            each(signed, "Signatures", lambda: beam.FlatMap(lambda d: d.get(BANDS_FIELD, ())))
             | "ByBand" >> FileGroupByKey(self.shuffle, "near_dedup_bands")
             | "Edges" >> beam.FlatMap(lambda item: band_edges(item[1], c.max_pairs_group, verify))
         )
@@ -314,7 +314,7 @@ class NearDedup(beam.PTransform):
             | "Labels" >> beam.FlatMap(lambda rows_: [(node, (root, size)) for node, root, size in rows_])
         )
         join = JoinLabels(labels, _decide_near_dup, self.shuffle, "near_dedup_join")
-        return signed | "Strip" >> beam.Map(strip_bands) | "Join" >> join
+        return each(signed, "Strip", lambda: beam.Map(strip_bands)) | "Join" >> join
 
 
 def eval_ngrams(url: str, ngram: int) -> list[tuple[int, str]]:
@@ -375,9 +375,9 @@ class Decontaminate(beam.PTransform):
             | "SmallestEvalId" >> beam.CombinePerKey(min)
             | "TagEval" >> beam.MapTuple(lambda h, eval_id: (h, ("eval", eval_id)))
         )
-        train = docs | "TrainNgrams" >> beam.FlatMap(train_ngrams, n)
+        train = each(docs, "TrainNgrams", lambda: beam.FlatMap(train_ngrams, n))
         labels = (
-            (evals, train)
+            (evals, *channels(train))
             | "ByNgram" >> FileGroupByKey(self.shuffle, "decontaminate_ngrams")
             | "Matches" >> beam.FlatMap(_matches, self.max_train_docs)
             | "PerDoc" >> beam.CombinePerKey(_sum_matches)

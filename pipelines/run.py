@@ -158,6 +158,7 @@ def build_pipeline(p, cfg: PrepareConfig, files, shuffle=None):
     """
     from cpt.pipelines import transforms as t
     from cpt.pipelines.io import ReaderConfig, ReadInputs
+    from cpt.pipelines.shuffle import each
     from cpt.pipelines.write import CountInputs, WriteDataset, WriteRunSummary
 
     reader = ReaderConfig(cfg.record_text_field(), cfg.id_field, cfg.max_bytes, cfg.dead_letter_max_bytes)
@@ -167,31 +168,34 @@ def build_pipeline(p, cfg: PrepareConfig, files, shuffle=None):
     docs = records
     if "html" not in cfg.active_steps():
         # Nothing cleans HTML in this run: count what looks like it, so the summary can say so.
-        docs = docs | "SniffHTML" >> t.ApplyStep("html_sniff", t.HtmlSniffStep())
+        docs = each(docs, "SniffHTML", lambda: t.ApplyStep("html_sniff", t.HtmlSniffStep()))
     for step in cfg.active_steps():
         if step == "html":
             html = t.HtmlStep(cfg.records_are_html or cfg.html_field is not None, cfg.html.sniff, cfg.html.mode)
-            docs = docs | "CleanHTML" >> t.ApplyStep("html", html)
+            docs = each(docs, "CleanHTML", lambda: t.ApplyStep("html", html))
         elif step == "pii":
-            docs = docs | "MaskPII" >> t.ApplyStep("pii", t.PiiStep(cfg.pii.secrets))
+            docs = each(docs, "MaskPII", lambda: t.ApplyStep("pii", t.PiiStep(cfg.pii.secrets)))
         elif step == "length":
-            docs = docs | "Length" >> t.ApplyStep("length", t.LengthStep(f.min_chars, f.max_chars, f.min_words))
+            docs = each(
+                docs, "Length", lambda: t.ApplyStep("length", t.LengthStep(f.min_chars, f.max_chars, f.min_words))
+            )
         elif step == "language":
             lang = t.LanguageStep(f.langs, f.min_lang_prob, f.lang_max_chars, f.lang_backend)
-            docs = docs | "Language" >> t.ApplyStep("language", lang)
+            docs = each(docs, "Language", lambda: t.ApplyStep("language", lang))
         elif step == "quality":
             q = cfg.quality
             quality = t.QualityStep(q.gopher_repetition, q.gopher_quality, q.c4, q.fineweb, q.prose_only)
-            docs = docs | "Quality" >> t.ApplyStep("quality", quality)
+            docs = each(docs, "Quality", lambda: t.ApplyStep("quality", quality))
         elif step == "code":
             code = t.CodeStep(f.min_chars, f.max_chars, cfg.code.max_comment_ratio, cfg.code.max_line_length)
-            docs = docs | "Code" >> t.ApplyStep("code", code)
+            docs = each(docs, "Code", lambda: t.ApplyStep("code", code))
         elif step == "perplexity":
             from cpt.pipelines.perplexity import CausalLMPerplexityHandler
 
             ppl = cfg.perplexity
             handler = CausalLMPerplexityHandler(ppl.model, ppl.max_tokens, ppl.batch_size, ppl.device)
-            docs = docs | "Perplexity" >> t.ScorePerplexity(handler, ppl.max_ppl, ppl.keep_percentile)
+            score = t.ScorePerplexity(handler, ppl.max_ppl, ppl.keep_percentile, as_channels=True)
+            docs = docs | "Perplexity" >> score
         elif step == "dedup":
             docs = docs | "Dedup" >> t.ExactDedup(shuffle)
         elif step == "near_dedup":
@@ -207,7 +211,7 @@ def build_pipeline(p, cfg: PrepareConfig, files, shuffle=None):
             decontaminate = Decontaminate(shards, d.ngram, d.min_overlap, d.max_train_docs, shuffle)
             docs = docs | "Decontaminate" >> decontaminate
     if cfg.tokenizer:
-        docs = docs | "Tokenize" >> t.ApplyStep("tokenize", t.TokenizeStep(cfg.tokenizer))
+        docs = each(docs, "Tokenize", lambda: t.ApplyStep("tokenize", t.TokenizeStep(cfg.tokenizer)))
     tokenized = cfg.tokenizer is not None
     write = WriteDataset(cfg.output, cfg.num_shards, cfg.domain, tokenized, cfg.dead_letter_max_bytes, shuffle)
     infos = docs | "Write" >> write
@@ -286,10 +290,7 @@ def shuffle_spec(cfg: PrepareConfig, options, input_bytes: int):
     name = runner if isinstance(runner, str) else type(runner).__name__
     mode = cfg.shuffle
     if mode == "auto":
-        direct = name in (DEFAULT_RUNNER, "direct", "SwitchingDirectRunner", "FnApiRunner")
-        # The perplexity step ends in a Flatten of records from several stages, the shape in which FnApiRunner
-        # lost records ahead of a spill (cpt.pipelines.shuffle); the accounting check would stop such a run.
-        mode = "files" if direct and "perplexity" not in cfg.active_steps() else "beam"
+        mode = "files" if name in (DEFAULT_RUNNER, "direct", "SwitchingDirectRunner", "FnApiRunner") else "beam"
     if mode == "beam":
         return None
     workers = options.view_as(DirectOptions).direct_num_workers or 1

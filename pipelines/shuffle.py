@@ -201,6 +201,23 @@ class FileGroupByKey(beam.PTransform):
         return refs | "ByPartition" >> beam.GroupByKey() | "ReadPartition" >> beam.ParDo(ReadPartitionDoFn(folder))
 
 
+def channels(docs) -> list:
+    """The PCollections of a record stream: one, or a tuple of several (the perplexity step's three outcomes).
+
+    Records stay in separate PCollections up to the next shuffle, which takes them all, instead of being
+    flattened into one: FnApiRunner holds a Flatten's records in the runner (see FileGroupByKey.expand).
+    """
+    return list(docs) if isinstance(docs, (tuple, list)) else [docs]
+
+
+def each(docs, label: str, make: Callable):
+    """`make()` applied to every channel of `docs`; the same shape comes back (one PCollection or a tuple)."""
+    parts = channels(docs)
+    if len(parts) == 1:
+        return parts[0] | label >> make()
+    return tuple(part | f"{label}/{i}" >> make() for i, part in enumerate(parts))
+
+
 def _spread_key(record: dict) -> tuple:
     return (record.get("source") or "", record.get("offset") or 0), record
 

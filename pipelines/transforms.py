@@ -320,11 +320,12 @@ def percentile_band(values: list[float], lo: float, hi: float) -> tuple[float, f
 class ScorePerplexity(beam.PTransform):
     """RunInference over live documents, then an absolute or percentile cut (CCNet-style first pass)."""
 
-    def __init__(self, handler, max_ppl: float | None, keep_percentile: list[float] | None):
+    def __init__(self, handler, max_ppl: float | None, keep_percentile: list[float] | None, as_channels: bool = False):
         super().__init__()
         self.handler = handler
         self.max_ppl = max_ppl
         self.keep_percentile = keep_percentile
+        self.as_channels = as_channels
 
     def expand(self, docs):
         live = docs | "Live" >> beam.Filter(is_live)
@@ -344,6 +345,9 @@ class ScorePerplexity(beam.PTransform):
             side = (beam.pvalue.AsSingleton(band),)
         # The cut only compares numbers; faults for this step are injected in the handler, where scoring runs.
         cut = scored | "Cut" >> ApplyStep("perplexity", PerplexityCut(self.max_ppl), *side, faults=NO_FAULTS)
+        if self.as_channels:
+            # Three channels, not one Flatten: the next shuffle takes them all (cpt.pipelines.shuffle.channels).
+            return cut, failed, decided
         return (cut, failed, decided) | "Merge" >> beam.Flatten()
 
 
@@ -415,11 +419,10 @@ class ExactDedup(beam.PTransform):
         self.shuffle = shuffle
 
     def expand(self, docs):
-        from cpt.pipelines.shuffle import FileGroupByKey
+        from cpt.pipelines.shuffle import FileGroupByKey, each
 
         return (
-            docs
-            | "Key" >> beam.Map(DedupKey())
+            each(docs, "Key", lambda: beam.Map(DedupKey()))
             | "Group" >> FileGroupByKey(self.shuffle, "dedup")
             | "KeepSmallestId" >> beam.FlatMap(dedup_group)
             | "Count" >> beam.Map(_count_duplicates)

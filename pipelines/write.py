@@ -16,7 +16,7 @@ from collections import Counter
 import apache_beam as beam
 
 from cpt.pipelines.near_dedup import shard_stats as near_dedup_stats
-from cpt.pipelines.shuffle import FileGroupByKey
+from cpt.pipelines.shuffle import FileGroupByKey, channels, each
 from cpt.pipelines.transforms import DEAD, KEPT, REJECTED, shard_index
 from cpt.shared import dataset
 from cpt.shared.dataset import join
@@ -118,11 +118,12 @@ class WriteDataset(beam.PTransform):
 
     def expand(self, records):
         output, num_shards, *_ = self.args
-        keyed = records | "KeyByShard" >> beam.Map(lambda doc: (shard_index(doc["id"], num_shards), doc))
+        keyed = each(records, "KeyByShard", lambda: beam.Map(lambda doc: (shard_index(doc["id"], num_shards), doc)))
         # One marker per shard, so a shard no record hashes to is still written (0 rows).
-        markers = records.pipeline | "EveryShard" >> beam.Create([(i, None) for i in range(num_shards)])
+        pipeline = channels(records)[0].pipeline
+        markers = pipeline | "EveryShard" >> beam.Create([(i, None) for i in range(num_shards)])
         return (
-            (keyed, markers)
+            (*channels(keyed), markers)
             # Through files, a partition is a shard: the shard's worker reads exactly its records.
             | "GroupByShard" >> FileGroupByKey(self.shuffle, "write", num_shards, _identity)
             | "WriteShards" >> beam.ParDo(WriteShardDoFn(*self.args))

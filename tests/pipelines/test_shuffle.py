@@ -106,7 +106,7 @@ def test_file_group_by_key_with_two_worker_processes(tmp_path):
     assert len(spill_files(tmp_path / "shuffle" / "g")) > 4
 
 
-def test_auto_shuffles_through_files_on_direct_runner_only(tmp_path):
+def test_auto_shuffles_through_files_on_direct_runner_only(tmp_path):  # perplexity on or off
     cfg = resolve_config("text", None, {"inputs": ["x"], "output": str(tmp_path / "out")})
     spec = shuffle_spec(cfg, pipeline_options(["--direct_num_workers", "2"]), 300 << 20)
     assert spec.temp_dir == dataset.join(str(tmp_path / "out"), SHUFFLE_DIR)
@@ -118,7 +118,7 @@ def test_auto_shuffles_through_files_on_direct_runner_only(tmp_path):
     files = resolve_config("text", None, {"inputs": ["x"], "output": "gs://b/out", "shuffle": "files"})
     assert shuffle_spec(files, dask, 1 << 30).temp_dir == f"gs://b/out/{SHUFFLE_DIR}"
     ppl = resolve_config("text", None, {"inputs": ["x"], "output": "o", "perplexity": {"model": "m"}})
-    assert shuffle_spec(ppl, pipeline_options([]), 1 << 30) is None
+    assert shuffle_spec(ppl, pipeline_options([]), 1 << 30).temp_dir == f"o/{SHUFFLE_DIR}"
     beam_cfg = resolve_config("text", None, {"inputs": ["x"], "output": "o", "shuffle": "beam"})
     assert shuffle_spec(beam_cfg, pipeline_options([]), 1 << 30) is None
 
