@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from cpt.pipelines.config import STEPS, InputError, PrepareConfig, preset_names, resolve_config
+from cpt.pipelines.config import SHUFFLE_MODES, STEPS, InputError, PrepareConfig, preset_names, resolve_config
 from cpt.shared.config import ConfigError, config_hash, to_dict
 
 DEFAULT_RUNNER = "DirectRunner"
@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--shuffle",
-        choices=["auto", "files", "beam"],
+        choices=SHUFFLE_MODES,
         help="files: dedup, near dedup and the writer shuffle through files under the output (flat memory); "
         "beam: the runner's GroupByKey; auto (default): files on DirectRunner, beam elsewhere",
     )

@@ -37,6 +37,8 @@ import pyarrow.compute as pc
 from apache_beam.metrics import Metrics
 from apache_beam.transforms.window import GlobalWindows
 
+from cpt.shared.dataset import filesystem, join
+
 SHUFFLE_DIR = "_shuffle"
 # A partition is read whole by one worker: about this much encoded data each, for the largest shuffle
 # (one of every record). Smaller shuffles (keys, signatures) then have far smaller partitions.
@@ -59,10 +61,9 @@ class ShuffleSpec:
         return cls(temp_dir, max(2 * workers, math.ceil(input_bytes / PARTITION_BYTES), 1))
 
 
-def _join(folder: str, name: str) -> str:
-    from cpt.shared.dataset import join
-
-    return join(folder, name)
+def _counter(folder: str, what: str):
+    """`shuffle.<name>.<what>`: elements spilled or read per shuffle (their totals must agree)."""
+    return Metrics.counter("shuffle", f"{folder.rstrip('/').rsplit('/', 1)[-1]}.{what}")
 
 
 def _coder():
@@ -78,11 +79,9 @@ class SpillDoFn(beam.DoFn):
         self.folder, self.partitions, self.flush_bytes = folder, partitions, flush_bytes
         self.partition_of = partition_of
         self._spilled = Metrics.counter("shuffle", "spilled_bytes")
-        self._elements = Metrics.counter("shuffle", f"{folder.rstrip('/').rsplit('/', 1)[-1]}.spilled")
+        self._elements = _counter(folder, "spilled")
 
     def setup(self):
-        from cpt.shared.dataset import filesystem
-
         self._encode = _coder().encode
         self._fs, path = filesystem(self.folder)
         self._fs.makedirs(path, exist_ok=True)
@@ -129,11 +128,9 @@ class ReadPartitionDoFn(beam.DoFn):
 
     def __init__(self, folder: str):
         self.folder = folder
-        self._elements = Metrics.counter("shuffle", f"{folder.rstrip('/').rsplit('/', 1)[-1]}.read")
+        self._elements = _counter(folder, "read")
 
     def setup(self):
-        from cpt.shared.dataset import filesystem
-
         self._decode = _coder().decode
         self._fs, self._path = filesystem(self.folder)
 
@@ -186,12 +183,12 @@ class FileGroupByKey(beam.PTransform):
         # A tuple of PCollections is grouped together (Flatten + GroupByKey). Through files, each is spilled
         # where it is made and only the references are flattened: FnApiRunner materialises a Flatten in the
         # runner (every record held there) and, fed by several stages, it lost records here (0.5 GB, 2 workers).
-        inputs = list(pcolls) if isinstance(pcolls, (tuple, list)) else [pcolls]
+        inputs = channels(pcolls)
         spec = self.spec
         if spec is None or spec.temp_dir is None:
             flat = tuple(inputs) | "Flatten" >> beam.Flatten() if len(inputs) > 1 else inputs[0]
             return flat | "GroupByKey" >> beam.GroupByKey()
-        folder = _join(spec.temp_dir, self.name)
+        folder = join(spec.temp_dir, self.name)
         partitions = self.partitions or spec.partitions
         refs = [
             pc | f"Spill{i}" >> beam.ParDo(SpillDoFn(folder, partitions, spec.flush_bytes, self.partition_of))
