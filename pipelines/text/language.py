@@ -109,7 +109,11 @@ def _prose_words(sample: str) -> str:
 
 
 def _fasttext_top(sample: str) -> tuple[str, float]:
-    (label,), (prob,) = _fasttext().predict(_prose_words(sample), k=1)
+    line = _prose_words(sample)
+    if not line.isascii():
+        # fastText's binding takes only encodable str: a lone surrogate ('A\ud800') raised TypeError.
+        line = line.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+    (label,), (prob,) = _fasttext().predict(line, k=1)
     return label.removeprefix(_LABEL), min(float(prob), 1.0)  # its softmax can exceed 1 by a rounding error
 
 
